@@ -1,0 +1,136 @@
+"""Time per unlearning step vs one plain LoRA step on the same model, batch and rank.
+
+Ours does a forget pass and a remember pass (two forward + two backward passes on half
+batches) plus the gradient projection; the plain step trains the same LoRA on the whole batch
+in one pass. Both are timed in one process, interleaved, after warm-up, so the ratio is fair on
+a noisy machine. Prints a markdown table and writes JSON.
+
+    python benchmarks/speed.py                   # tiny SD3 transformer + the flags demo model
+    python benchmarks/speed.py --models tiny-sd3 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData  # noqa: E402
+from unlearn_core.backends.diffusers_backend import DiffusersDenoiser, lora_attached  # noqa: E402
+from unlearn_core.denoiser import concat, select  # noqa: E402
+from unlearn_core.objectives import denoising_loss  # noqa: E402
+from unlearn_core.process import RectifiedFlow  # noqa: E402
+from unlearn_core.trainer import train_unlearning  # noqa: E402
+
+
+def tiny_sd3_setup(batch: int):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32,
+        pos_embed_max_size=32,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+
+    def cond(n):
+        return {"encoder_hidden_states": torch.randn(n, 8, 64, generator=g), "pooled_projections": torch.randn(n, 32, generator=g)}
+
+    shape = (16, 32, 32)
+    targets = torch.randn(2, *shape, generator=g)
+    data = UnlearnData(
+        ForgetTargets(targets, targets + 0.3 * torch.randn(targets.shape, generator=g), cond(2)),
+        RememberSet(torch.randn(16, *shape, generator=g), cond(16)),
+    )
+    return model, RectifiedFlow(), data
+
+
+def flags_setup(batch: int):
+    from unlearn_core.demo_model import load_flags_model, remember_and_forget_for_speed
+
+    model, process = load_flags_model()
+    return model, process, remember_and_forget_for_speed(model, process)
+
+
+SETUPS = {"tiny-sd3": tiny_sd3_setup, "flags": flags_setup}
+
+
+def plain_lora_step(denoiser, process, data, optimizer, params, batch, generator):
+    """One ordinary LoRA training step on ``batch`` samples drawn from both sets."""
+    forget_index = torch.randint(len(data.forget), (batch // 2,), generator=generator)
+    remember_index = torch.randint(len(data.remember), (batch - batch // 2,), generator=generator)
+    x0 = torch.cat([data.forget.surrogates[forget_index], data.remember.samples[remember_index]])
+    cond = concat([select(data.forget.cond, forget_index), select(data.remember.cond, remember_index)])
+    t = process.sample_t(batch, generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    loss = denoising_loss(denoiser, process, x0, x0, cond, noise, t).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(name: str, steps: int, batch: int, rank: int, repeats: int) -> dict:
+    model, process, data = SETUPS[name](batch)
+    config = UnlearnConfig(steps=steps, lora_rank=rank, forget_batch_size=batch // 2,
+                           remember_batch_size=batch - batch // 2, learning_rate=1e-4)  # fmt: skip
+    ours, plain = [], []
+    with lora_attached(model, rank=rank, seed=0) as lora:
+        params = lora.parameters()
+        denoiser = DiffusersDenoiser(model, process, parameters=params)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):  # warm-up both paths
+            plain_lora_step(denoiser, process, data, optimizer, params, batch, generator)
+        train_unlearning(denoiser, process, data, UnlearnConfig(**{**config.to_dict(), "steps": 3}))
+        for _ in range(repeats):  # interleave so drift in machine load hits both alike
+            started = time.perf_counter()
+            for _ in range(steps):
+                plain_lora_step(denoiser, process, data, optimizer, params, batch, generator)
+            plain.append((time.perf_counter() - started) / steps)
+            result = train_unlearning(denoiser, process, data, config)
+            ours.append(result.seconds / steps)
+    return {
+        "model": name,
+        "batch": batch,
+        "rank": rank,
+        "plain_step_s": statistics.median(plain),
+        "unlearn_step_s": statistics.median(ours),
+        "ratio": statistics.median(ours) / statistics.median(plain),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path("out/benchmarks/speed.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [measure(name, args.steps, args.batch, args.rank, args.repeats) for name in args.models]
+    print("| model | batch | rank | plain LoRA step (ms) | unlearning step (ms) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['batch']} | {row['rank']} | {1000 * row['plain_step_s']:.1f} | "
+              f"{1000 * row['unlearn_step_s']:.1f} | {row['ratio']:.3f} |")  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+import pytest
+
+from unlearn_core.errors import InputError
+from unlearn_core.files import atomic_path, atomic_write_text, safe_child, safe_name, tensor_hash
+
+HOSTILE = ["..", "../x", "a/../../b", "/etc/passwd", "C:\\x", "x\\..\\y", "", " ", "con", "NUL.txt",
+           "a\x00b", "a|b", "a;rm", "~root", ".hidden", "x" * 101, "trailing.", "a\nb"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_names_are_refused(tmp_path, name):
+    with pytest.raises(InputError):
+        safe_child(tmp_path, name, ".safetensors")
+
+
+def test_good_names_stay_inside(tmp_path):
+    assert safe_child(tmp_path, "flag fix.safetensors", ".safetensors") == tmp_path / "flag fix.safetensors"
+    assert safe_child(tmp_path, "unlearn/flag_v2", ".safetensors") == tmp_path / "unlearn" / "flag_v2.safetensors"
+    assert safe_name(" ok-name_1 ") == "ok-name_1"
+
+
+def test_atomic_path_cleans_up_on_error(tmp_path):
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_tensor_hash_sees_values_dtype_and_shape():
+    import torch
+
+    a = torch.arange(6.0)
+    assert tensor_hash(a) == tensor_hash(a.clone())
+    assert tensor_hash(a) != tensor_hash(a.reshape(2, 3))
+    assert tensor_hash(a) != tensor_hash(a.double())
+    assert tensor_hash(torch.tensor(1.0)) != tensor_hash(torch.tensor(2.0))

@@ -1,0 +1,43 @@
+import torch
+
+from unlearn_core.metrics import (
+    FeatureCopyDetector,
+    PixelCopyDetector,
+    Unavailable,
+    compare_images,
+    copy_similarity,
+    load_lpips,
+    psnr,
+    ssim,
+)
+
+
+def images(seed=0, n=3, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_ssim_and_psnr_rank_similarity():
+    a = images()
+    slightly = (a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    other = images(5)
+    assert torch.allclose(ssim(a, a), torch.ones(3), atol=1e-5)
+    assert (ssim(a, slightly) > ssim(a, other)).all()
+    assert (psnr(a, slightly) > psnr(a, other)).all()
+    assert (psnr(a, a) == 100).all()
+
+
+def test_lpips_without_its_backbone_is_unavailable_not_a_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    result = load_lpips()
+    assert isinstance(result, Unavailable) and not result
+    assert "missing" in result.reason
+    report = compare_images(images(), images(1), result)
+    assert isinstance(report["lpips"], str) and report["ssim"] and report["psnr"]
+
+
+def test_copy_similarity_finds_copies():
+    a, b = images(), images(7)
+    for detector in (PixelCopyDetector(16), FeatureCopyDetector(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8)))):
+        same = copy_similarity(detector, a, a)
+        assert torch.allclose(same, torch.ones(3), atol=1e-5)
+        assert (copy_similarity(detector, a, b) < 0.99).all()

@@ -1,0 +1,45 @@
+"""The library stays host-free, and the package metadata agrees with itself."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution")
+
+
+def test_unlearn_core_never_imports_the_host():
+    pattern = re.compile(r"^\s*(import|from)\s+(" + "|".join(HOST_MODULES) + r")\b", re.M)
+    offenders = [str(p) for p in (ROOT / "unlearn_core").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+    code = (
+        "import sys, unlearn_core, unlearn_core.backends.diffusers_backend, unlearn_core.metrics, "
+        "unlearn_core.surrogate, unlearn_core.lora\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {HOST_MODULES!r}]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_root_package_imports_without_comfyui():
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('pack', '__init__.py', submodule_search_locations=['.'])\n"
+        "pack = importlib.util.module_from_spec(spec); spec.loader.exec_module(pack)\n"
+        "assert pack.WEB_DIRECTORY == './web' and callable(pack.comfy_entrypoint)\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {HOST_MODULES!r}]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_versions_and_comfy_table_agree():
+    import unlearn_core
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["version"] == unlearn_core.__version__
+    assert "comfyui" not in project["project"]["name"].lower()
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])

@@ -1,0 +1,52 @@
+"""Prompt-free instance unlearning for diffusion models, as a plain library.
+
+The data walk: marked output -> forget set -> surrogate -> trainer -> LoRA file -> preserve check.
+
+Public API (what the ComfyUI nodes and the CLI call):
+
+- :class:`UnlearnConfig`: every training knob, validated.
+- :class:`ForgetTargets`, :class:`RememberSet`, :class:`UnlearnData`: what to forget and keep.
+- :class:`RectifiedFlow`, :class:`DDPMEpsilon`: forward processes (SD3 flow, epsilon DDPM).
+- :func:`train_unlearning`: the loop over any :class:`Denoiser`.
+- :func:`unlearn_diffusers`, :func:`lora_attached`: diffusers models (SD3 transformer, UNet2D).
+- :func:`sdedit`, :func:`repaint`: surrogate builders over any denoiser.
+- :func:`save_lora`, :func:`load_lora`, :func:`to_mmdit`, :func:`to_diffusers`: LoRA files and formats.
+- :mod:`unlearn_core.metrics`: SSIM, PSNR, LPIPS (or Unavailable), copy similarity.
+"""
+
+from .config import UnlearnConfig
+from .data import ForgetTargets, RememberSet, UnlearnData
+from .denoiser import Denoiser
+from .errors import InputError, TrainingDiverged, TrainingStopped, UnlearnError
+from .lora import LoraLayer, LoraWeights, load_lora, save_lora, to_diffusers, to_mmdit
+from .process import DDPMEpsilon, ForwardProcess, RectifiedFlow
+from .surrogate import repaint, sdedit
+from .trainer import TrainResult, train_unlearning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UnlearnConfig",
+    "ForgetTargets",
+    "RememberSet",
+    "UnlearnData",
+    "Denoiser",
+    "InputError",
+    "TrainingDiverged",
+    "TrainingStopped",
+    "UnlearnError",
+    "LoraLayer",
+    "LoraWeights",
+    "load_lora",
+    "save_lora",
+    "to_diffusers",
+    "to_mmdit",
+    "DDPMEpsilon",
+    "ForwardProcess",
+    "RectifiedFlow",
+    "repaint",
+    "sdedit",
+    "TrainResult",
+    "train_unlearning",
+    "__version__",
+]

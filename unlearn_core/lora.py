@@ -1,0 +1,302 @@
+"""LoRA weights: one in-memory form, the key formats hosts load, exact qkv conversion, safe files.
+
+In memory a LoRA is a :class:`LoraWeights`: module name -> :class:`LoraLayer` (down, up, alpha),
+with the weight delta ``alpha / rank * up @ down``. Module names live in one of two namespaces:
+
+- ``diffusers``: names inside a diffusers model (``transformer_blocks.0.attn.to_q``), what peft
+  trains on a diffusers model;
+- ``mmdit``: names inside ComfyUI's MMDiT (``joint_blocks.0.x_block.attn.qkv``), where q, k and v
+  are one fused linear.
+
+:func:`to_mmdit` and :func:`to_diffusers` convert SD3 LoRAs between them without approximation:
+separate q/k/v LoRAs become one fused LoRA with the downs stacked and a block-diagonal up;
+a fused LoRA splits into row slices of its up (keeping only the columns each slice uses).
+
+Files (:func:`save_lora`) are safetensors written atomically with metadata, in the key format
+the reader wants (COMFYUI.md):
+
+- ``comfy``: ``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_up.weight`` / ``lora_down`` / ``alpha``
+- ``diffusers``: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` / ``lora_B`` (scale folded in)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import InputError
+from .files import atomic_path
+
+__all__ = [
+    "LoraLayer",
+    "LoraWeights",
+    "to_mmdit",
+    "to_diffusers",
+    "state_dict_for",
+    "parse_state_dict",
+    "save_lora",
+    "load_lora",
+    "KEY_FORMATS",
+]
+
+KEY_FORMATS = ("comfy", "diffusers")
+
+
+@dataclass
+class LoraLayer:
+    """down: (r, in[, kh, kw]); up: (out, r[, 1, 1]); delta = alpha / r * up @ down."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this layer adds, shaped like the base weight."""
+        up = self.up.flatten(1).double()
+        down = self.down.flatten(1).double()
+        delta = self.scale * (up @ down)
+        if self.down.dim() == 4:
+            return delta.reshape(self.up.shape[0], *self.down.shape[1:])
+        return delta
+
+    def folded(self) -> LoraLayer:
+        """The same delta with the scale moved into ``up`` (alpha = rank)."""
+        return LoraLayer(self.down, self.up * self.scale, float(self.rank))
+
+
+@dataclass
+class LoraWeights:
+    layers: dict[str, LoraLayer]
+    namespace: str = "diffusers"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {name: layer.delta() for name, layer in self.layers.items()}
+
+
+# --- SD3: diffusers <-> MMDiT names ------------------------------------------------------------
+
+_QKV = {
+    "attn.to_q": ("x_block.attn.qkv", 0),
+    "attn.to_k": ("x_block.attn.qkv", 1),
+    "attn.to_v": ("x_block.attn.qkv", 2),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0),
+    "attn.add_k_proj": ("context_block.attn.qkv", 1),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2),
+}
+_DIRECT = {
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+_DIFFUSERS_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+_MMDIT_BLOCK = re.compile(r"^joint_blocks\.(\d+)\.(.+)$")
+
+
+def _unsupported(name: str, namespace: str) -> InputError:
+    return InputError(
+        f"LoRA module {name!r} ({namespace}) has no exact SD3 MMDiT counterpart; train LoRA only on "
+        "attention (to_q/k/v, to_out.0, add_*_proj, to_add_out) or ff layers"
+    )
+
+
+def to_mmdit(weights: LoraWeights) -> LoraWeights:
+    """Separate q/k/v LoRAs of a diffusers SD3 transformer -> ComfyUI's fused MMDiT LoRAs."""
+    if weights.namespace == "mmdit":
+        return weights
+    layers: dict[str, LoraLayer] = {}
+    fused: dict[str, dict[int, LoraLayer]] = {}
+    for name, layer in weights.layers.items():
+        match = _DIFFUSERS_BLOCK.match(name)
+        if not match:
+            raise _unsupported(name, "diffusers")
+        block, inner = match.groups()
+        if inner in _QKV:
+            target, part = _QKV[inner]
+            fused.setdefault(f"joint_blocks.{block}.{target}", {})[part] = layer.folded()
+        elif inner in _DIRECT:
+            layers[f"joint_blocks.{block}.{_DIRECT[inner]}"] = layer
+        else:
+            raise _unsupported(name, "diffusers")
+    for name, parts in fused.items():
+        any_part = next(iter(parts.values()))
+        out_features, in_features = any_part.up.shape[0], any_part.down.shape[1]
+        downs = [parts[p].down for p in sorted(parts)]
+        total_rank = sum(d.shape[0] for d in downs)
+        up = any_part.up.new_zeros(3 * out_features, total_rank)
+        column = 0
+        for part in sorted(parts):
+            rank = parts[part].rank
+            up[part * out_features : (part + 1) * out_features, column : column + rank] = parts[part].up
+            column += rank
+        down = torch.cat(downs) if downs else any_part.down.new_zeros(0, in_features)
+        layers[name] = LoraLayer(down, up, float(total_rank))
+    return LoraWeights(dict(sorted(layers.items())), "mmdit", dict(weights.metadata))
+
+
+def to_diffusers(weights: LoraWeights) -> LoraWeights:
+    """ComfyUI MMDiT LoRAs (fused qkv) -> separate diffusers SD3 LoRAs, exactly."""
+    if weights.namespace == "diffusers":
+        return weights
+    direct_back = {v: k for k, v in _DIRECT.items()}
+    qkv_back = {(target, part): inner for inner, (target, part) in _QKV.items()}
+    layers: dict[str, LoraLayer] = {}
+    for name, layer in weights.layers.items():
+        match = _MMDIT_BLOCK.match(name)
+        if not match:
+            raise _unsupported(name, "mmdit")
+        block, inner = match.groups()
+        if inner in direct_back:
+            layers[f"transformer_blocks.{block}.{direct_back[inner]}"] = layer
+            continue
+        if inner not in ("x_block.attn.qkv", "context_block.attn.qkv"):
+            raise _unsupported(name, "mmdit")
+        folded = layer.folded()
+        out_features = folded.up.shape[0] // 3
+        for part in range(3):
+            rows = folded.up[part * out_features : (part + 1) * out_features]
+            used = rows.abs().sum(dim=0) != 0  # block-diagonal ups keep only their own columns
+            if not used.any():
+                continue
+            up, down = rows[:, used], folded.down[used]
+            layers[f"transformer_blocks.{block}.{qkv_back[(inner, part)]}"] = LoraLayer(down, up, float(down.shape[0]))
+    return LoraWeights(dict(sorted(layers.items())), "diffusers", dict(weights.metadata))
+
+
+# --- key formats -------------------------------------------------------------------------------
+
+def state_dict_for(weights: LoraWeights, key_format: str) -> dict[str, torch.Tensor]:
+    """Tensors keyed for ``key_format``: 'comfy' (native MMDiT keys) or 'diffusers'."""
+    if key_format == "comfy":
+        mmdit = to_mmdit(weights) if _is_sd3(weights) else weights
+        tensors = {}
+        for name, layer in mmdit.layers.items():
+            tensors[f"diffusion_model.{name}.lora_down.weight"] = layer.down
+            tensors[f"diffusion_model.{name}.lora_up.weight"] = layer.up
+            tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(layer.alpha)
+        return _contiguous(tensors)
+    if key_format == "diffusers":
+        plain = to_diffusers(weights)
+        tensors = {}
+        for name, layer in plain.layers.items():
+            folded = layer.folded()
+            tensors[f"transformer.{name}.lora_A.weight"] = folded.down
+            tensors[f"transformer.{name}.lora_B.weight"] = folded.up
+        return _contiguous(tensors)
+    raise InputError(f"unknown LoRA key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+
+
+def _is_sd3(weights: LoraWeights) -> bool:
+    if weights.namespace == "mmdit":
+        return True
+    return all(_DIFFUSERS_BLOCK.match(name) for name in weights.layers)
+
+
+_SUFFIXES = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".alpha": "alpha",
+}
+_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "unet.")
+
+
+def parse_state_dict(tensors: dict[str, torch.Tensor]) -> LoraWeights:
+    """Read either key format back into :class:`LoraWeights` (namespace inferred from names)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        for suffix, role in _SUFFIXES.items():
+            if key.endswith(suffix):
+                module = key[: -len(suffix)]
+                for prefix in _PREFIXES:
+                    if module.startswith(prefix):
+                        module = module[len(prefix) :]
+                        break
+                parts.setdefault(module, {})[role] = value
+                break
+        else:
+            raise InputError(f"unexpected key {key!r} in LoRA file: not a lora_up/lora_down/lora_A/lora_B/alpha")
+    layers = {}
+    for module, roles in parts.items():
+        if "down" not in roles or "up" not in roles:
+            raise InputError(f"LoRA module {module!r} lacks its up or down matrix; the file is incomplete")
+        rank = roles["down"].shape[0]
+        alpha = float(roles["alpha"]) if "alpha" in roles else float(rank)
+        layers[module] = LoraLayer(roles["down"], roles["up"], alpha)
+    namespace = "mmdit" if any(name.startswith("joint_blocks.") for name in layers) else "diffusers"
+    return LoraWeights(dict(sorted(layers.items())), namespace)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def save_lora(
+    path: str | Path, weights: LoraWeights, key_format: str = "comfy", metadata: dict | None = None
+) -> Path:
+    """Write a LoRA as safetensors, atomically. Metadata values that are not text become JSON."""
+    tensors = state_dict_for(weights, key_format)
+    if not tensors:
+        raise InputError("the LoRA holds no layers; nothing to save")
+    merged = {**weights.metadata, **(metadata or {}), "unlearn.key_format": key_format}
+    text = {key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in merged.items()}
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(safetensors_bytes(tensors, text))
+    return Path(path)
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding with every key sorted, so equal LoRAs give equal bytes.
+
+    (The reference writer keeps metadata in a hash map whose order changes between runs.)
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        if tensor.dtype not in _DTYPES:
+            raise InputError(f"tensor {key!r} has dtype {tensor.dtype}, which LoRA files do not use")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
+
+
+def load_lora(path: str | Path) -> LoraWeights:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise InputError(f"{path.name} is not a readable safetensors file ({error}); save it again") from error
+    weights = parse_state_dict(tensors)
+    weights.metadata = metadata
+    return weights

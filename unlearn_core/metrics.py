@@ -1,0 +1,170 @@
+"""Image metrics for forgetting and integrity (METHOD.md section 8).
+
+All functions take image batches (N, C, H, W) with values in [0, 1] and return per-sample
+tensors (N,). LPIPS needs a pretrained backbone that cannot be downloaded everywhere: when it
+is missing, :func:`load_lpips` returns an :class:`Unavailable` that says why, never a number
+computed from random weights.
+
+Copy similarity (did the model reproduce the target?) is pluggable: any
+:class:`CopyDetector` embeds images; the score is the cosine of embeddings. An SSCD TorchScript
+file (the paper's detector, score < 0.4 = forgotten) plugs in with :class:`TorchScriptCopyDetector`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim as _ssim
+
+from .errors import InputError
+
+__all__ = [
+    "ssim",
+    "psnr",
+    "Unavailable",
+    "load_lpips",
+    "CopyDetector",
+    "PixelCopyDetector",
+    "FeatureCopyDetector",
+    "TorchScriptCopyDetector",
+    "copy_similarity",
+    "compare_images",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.dim() != 4:
+        raise InputError(f"images to compare must be equal-shaped batches, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Structural similarity per image (1 = identical)."""
+    _check_pair(a, b)
+    side = min(a.shape[-2:])
+    window = min(11, side if side % 2 else side - 1)
+    return _ssim(a.float(), b.float(), data_range=1.0, size_average=False, win_size=max(window, 3))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image (identical images give ``cap``)."""
+    _check_pair(a, b)
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-20)), torch.full_like(mse, cap)).clamp_max(cap)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A metric that could not be computed, and why."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+_LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+def load_lpips(net: str = "alex", allow_download: bool = False):
+    """An LPIPS model, or :class:`Unavailable` when its pretrained backbone is not at hand.
+
+    The lpips package ships its linear heads; the torchvision backbone comes from the torch hub
+    cache (``$TORCH_HOME/hub/checkpoints``). With ``allow_download`` a missing backbone is fetched.
+    """
+    if net not in _LPIPS_BACKBONES:
+        raise InputError(f"LPIPS net {net!r} unknown; choose one of {', '.join(_LPIPS_BACKBONES)}")
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONES[net]
+    if not checkpoint.is_file() and not allow_download:
+        return Unavailable(f"LPIPS unavailable: backbone weights {checkpoint} are missing (no download allowed)")
+    try:
+        import lpips
+
+        model = lpips.LPIPS(net=net, verbose=False).eval()
+    except Exception as error:  # download or file errors: report, never fall back to random weights
+        return Unavailable(f"LPIPS unavailable: {type(error).__name__}: {error}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def lpips_distance(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check_pair(a, b)
+    return model(a.float() * 2 - 1, b.float() * 2 - 1).flatten()
+
+
+class CopyDetector:
+    """Embeds images so that copies land close together (cosine similarity)."""
+
+    name = "copy-detector"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PixelCopyDetector(CopyDetector):
+    """Mean-centred pixels at low resolution: an offline proxy with no learned features."""
+
+    name = "pixel-cosine"
+
+    def __init__(self, size: int = 32):
+        self.size = size
+
+    def embed(self, images):
+        small = F.interpolate(images.float(), size=(self.size, self.size), mode="area")
+        flat = small.flatten(1)
+        return flat - flat.mean(dim=1, keepdim=True)
+
+
+class FeatureCopyDetector(CopyDetector):
+    """Any torch module mapping images in [0, 1] to feature vectors (a classifier's penultimate layer)."""
+
+    def __init__(self, module: torch.nn.Module, name: str = "features"):
+        self.module = module.eval()
+        self.name = name
+
+    @torch.no_grad()
+    def embed(self, images):
+        return self.module(images.float()).flatten(1)
+
+
+class TorchScriptCopyDetector(CopyDetector):
+    """An SSCD-style TorchScript descriptor model (e.g. sscd_disc_mixup.torchscript.pt)."""
+
+    name = "sscd"
+    _MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+    _STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+
+    def __init__(self, path: str | os.PathLike, size: int = 288):
+        if not Path(path).is_file():
+            raise InputError(f"copy-detector file {str(path)!r} does not exist")
+        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        self.size = size
+
+    @torch.no_grad()
+    def embed(self, images):
+        resized = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.module((resized - self._MEAN) / self._STD)
+
+
+def copy_similarity(detector: CopyDetector, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of copy embeddings per pair (1 = the same image)."""
+    _check_pair(a, b)
+    return F.cosine_similarity(detector.embed(a), detector.embed(b), dim=1)
+
+
+def compare_images(a: torch.Tensor, b: torch.Tensor, lpips_model=None) -> dict[str, list[float] | str]:
+    """SSIM, PSNR and (when available) LPIPS for each pair, as plain lists for reports."""
+    result: dict[str, list[float] | str] = {"ssim": ssim(a, b).tolist(), "psnr": psnr(a, b).tolist()}
+    if isinstance(lpips_model, Unavailable) or lpips_model is None:
+        result["lpips"] = lpips_model.reason if lpips_model is not None else "LPIPS not requested"
+    else:
+        result["lpips"] = lpips_distance(lpips_model, a, b).tolist()
+    return result

@@ -1,0 +1,265 @@
+r"""The unlearning objectives: ours (surrogate forget loss) and the baselines of METHOD.md section 9.
+
+Each objective splits one training step into a *forget pass* and a *remember pass* (two forward
+and two backward passes, never a retained graph) and then says how to combine the two gradients.
+All losses are computed in the host-agnostic x0 form (:func:`unlearn_core.process.x0_space_loss`),
+which equals the native epsilon/velocity MSE.
+
+Ours (METHOD.md sections 3-5), per sample with noise fraction t and :math:`\lambda(t)`:
+
+.. math::
+    L_f = \lambda(t_f)\, w(t_f) \lVert \hat x_0(x_t^f) - \tilde x \rVert^2, \qquad
+    L_r = (1 - \lambda(t_r))\, w(t_r) \lVert \hat x_0(x_t^r) - x_0^r \rVert^2
+
+and :math:`g = \mathrm{surgery}(g_f, g_r)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import UnlearnData
+from .denoiser import Conditioning, Denoiser, select
+from .process import ForwardProcess, x0_space_loss
+from .surgery import combine_gradients, dot
+from .weighting import TimestepWeighting
+
+__all__ = [
+    "StepPlan",
+    "Objective",
+    "SurrogateUnlearning",
+    "NegGrad",
+    "EraseDiff",
+    "SISS",
+    "denoising_loss",
+    "OBJECTIVES",
+]
+
+Gradients = list[torch.Tensor]
+
+
+def denoising_loss(
+    denoiser: Denoiser,
+    process: ForwardProcess,
+    noised: torch.Tensor,
+    clean_target: torch.Tensor,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample loss of denoising ``noised`` (made noisy at t) towards ``clean_target``.
+
+    ``noised == clean_target`` is the ordinary training loss; ``noised = target`` with
+    ``clean_target = surrogate`` is the surrogate forget loss.
+    """
+    x_t = process.add_noise(noised, noise, t)
+    x0_hat = denoiser.predict_x0(x_t, t, cond)
+    return x0_space_loss(x0_hat, clean_target, process.x0_loss_weight(t))
+
+
+@dataclass
+class StepPlan:
+    """The random draws of one step, made before any forward pass (so both passes agree)."""
+
+    forget_index: torch.Tensor
+    remember_index: torch.Tensor
+    forget_t: torch.Tensor
+    remember_t: torch.Tensor
+    forget_noise: torch.Tensor
+    remember_noise: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """One unlearning method: how to draw a step, the two passes, and the gradient combination."""
+
+    name = "objective"
+
+    def __init__(self, process: ForwardProcess, forget_batch: int, remember_batch: int):
+        self.process = process
+        self.forget_batch = forget_batch
+        self.remember_batch = remember_batch
+
+    def plan(self, data: UnlearnData, generator: torch.Generator) -> StepPlan:
+        shape = data.forget.targets.shape[1:]
+        forget_index = torch.randint(len(data.forget), (self.forget_batch,), generator=generator)
+        remember_index = torch.randint(len(data.remember), (self.remember_batch,), generator=generator)
+        return StepPlan(
+            forget_index=forget_index,
+            remember_index=remember_index,
+            forget_t=self.process.sample_t(self.forget_batch, generator),
+            remember_t=self.process.sample_t(self.remember_batch, generator),
+            forget_noise=torch.randn((self.forget_batch, *shape), generator=generator),
+            remember_noise=torch.randn((self.remember_batch, *shape), generator=generator),
+        )
+
+    def _forget_batch(self, data: UnlearnData, plan: StepPlan):
+        device = data.forget.targets.device
+        index = plan.forget_index.to(device)
+        return (
+            data.forget.targets[index],
+            data.forget.surrogates[index],
+            select(data.forget.cond, index),
+            plan.forget_noise.to(device, data.forget.targets.dtype),
+            plan.forget_t.to(device),
+        )
+
+    def _remember_losses(self, denoiser: Denoiser, data: UnlearnData, plan: StepPlan) -> torch.Tensor:
+        device = data.remember.samples.device
+        index = plan.remember_index.to(device)
+        samples = data.remember.samples[index]
+        return denoising_loss(
+            denoiser,
+            self.process,
+            samples,
+            samples,
+            select(data.remember.cond, index),
+            plan.remember_noise.to(device, samples.dtype),
+            plan.remember_t.to(device),
+        )
+
+    def forget_loss(self, denoiser: Denoiser, data: UnlearnData, plan: StepPlan) -> tuple[torch.Tensor, float]:
+        """(loss to differentiate, unweighted forget error for reporting)."""
+        raise NotImplementedError
+
+    def remember_loss(self, denoiser: Denoiser, data: UnlearnData, plan: StepPlan) -> tuple[torch.Tensor, float]:
+        losses = self._remember_losses(denoiser, data, plan)
+        return losses.mean(), float(losses.detach().mean())
+
+    def combine(self, forget: Gradients, remember: Gradients) -> tuple[Gradients, dict[str, float]]:
+        return [f + r for f, r in zip(forget, remember, strict=True)], {}
+
+
+class SurrogateUnlearning(Objective):
+    """Ours: surrogate forget loss, timestep-aware weighting and gradient surgery."""
+
+    name = "surrogate"
+
+    def __init__(self, process, forget_batch, remember_batch, weighting: TimestepWeighting, surgery: str):
+        super().__init__(process, forget_batch, remember_batch)
+        self.weighting = weighting
+        self.surgery = surgery
+
+    def forget_loss(self, denoiser, data, plan):
+        targets, surrogates, cond, noise, t = self._forget_batch(data, plan)
+        losses = denoising_loss(denoiser, self.process, targets, surrogates, cond, noise, t)
+        weights = self.weighting(plan.forget_t).to(losses)
+        return (weights * losses).mean(), float(losses.detach().mean())
+
+    def remember_loss(self, denoiser, data, plan):
+        losses = self._remember_losses(denoiser, data, plan)
+        weights = 1 - self.weighting(plan.remember_t).to(losses)
+        return (weights * losses).mean(), float(losses.detach().mean())
+
+    def combine(self, forget, remember):
+        return combine_gradients(forget, remember, self.surgery)
+
+
+class NegGrad(Objective):
+    """Gradient ascent on the forget set: minimise L_r - L_f (unstable by design)."""
+
+    name = "neggrad"
+
+    def forget_loss(self, denoiser, data, plan):
+        targets, _, cond, noise, t = self._forget_batch(data, plan)
+        losses = denoising_loss(denoiser, self.process, targets, targets, cond, noise, t)
+        return -losses.mean(), float(losses.detach().mean())
+
+
+class EraseDiff(Objective):
+    r"""EraseDiff, first-order: the forget sample's native target becomes independent noise,
+    and :math:`g = g_r + \max(\eta - \langle g_r, g_f\rangle / \lVert g_f\rVert^2, 0)\, g_f`."""
+
+    name = "erasediff"
+
+    def __init__(self, process, forget_batch, remember_batch, eta: float):
+        super().__init__(process, forget_batch, remember_batch)
+        self.eta = eta
+
+    def plan(self, data, generator):
+        plan = super().plan(data, generator)
+        plan.extra["unrelated_noise"] = torch.randn(plan.forget_noise.shape, generator=generator)
+        return plan
+
+    def forget_loss(self, denoiser, data, plan):
+        targets, _, cond, noise, t = self._forget_batch(data, plan)
+        x_t = self.process.add_noise(targets, noise, t)
+        unrelated = plan.extra["unrelated_noise"].to(x_t)
+        # x0 whose native target (eps, or v) is the unrelated noise: predicting it maps the
+        # forget sample to noise.
+        erase_target = self.process.predict_x0(x_t, unrelated, t)
+        x0_hat = denoiser.predict_x0(x_t, t, cond)
+        losses = x0_space_loss(x0_hat, erase_target, self.process.x0_loss_weight(t))
+        return losses.mean(), float(losses.detach().mean())
+
+    def combine(self, forget, remember):
+        norm_sq = dot(forget, forget)
+        coefficient = 0.0 if norm_sq == 0 else max(float(self.eta - dot(remember, forget) / norm_sq), 0.0)
+        return [r + coefficient * f for f, r in zip(forget, remember, strict=True)], {"erase_coefficient": coefficient}
+
+
+class SISS(Objective):
+    r"""SISS (Alberti et al., ICLR 2025): importance-sampled mixture of keep and forget terms.
+
+    The noisy point comes from the mixture :math:`q(x_t) = \tfrac12 q(x_t|x) + \tfrac12 q(x_t|a)`
+    of a remember sample x and a forget sample a at the same t; each term is reweighted by its
+    density ratio. The forget gradient is normalised and subtracted:
+    :math:`g = g_x - s \frac{\lVert g_x\rVert}{\lVert g_a\rVert} g_a`. We express s relative to
+    :math:`\lVert g_x\rVert` so one value suits any model size (``siss_scale``).
+    """
+
+    name = "siss"
+
+    def __init__(self, process, forget_batch, remember_batch, scale: float):
+        super().__init__(process, forget_batch, remember_batch)
+        self.scale = scale
+
+    def plan(self, data, generator):
+        plan = super().plan(data, generator)
+        n = self.remember_batch
+        plan.forget_index = torch.randint(len(data.forget), (n,), generator=generator)
+        plan.forget_t = plan.remember_t
+        plan.forget_noise = plan.remember_noise
+        plan.extra["from_forget"] = torch.rand(n, generator=generator) < 0.5
+        return plan
+
+    def _mixture(self, data: UnlearnData, plan: StepPlan):
+        device = data.remember.samples.device
+        keep = data.remember.samples[plan.remember_index.to(device)]
+        forget = data.forget.targets[plan.forget_index.to(device)]
+        t = plan.remember_t.to(device)
+        noise = plan.remember_noise.to(device, keep.dtype)
+        from_forget = plan.extra["from_forget"].to(device).reshape(-1, 1, 1, 1)
+        x_t = self.process.add_noise(torch.where(from_forget, forget, keep), noise, t)
+        alpha, sigma = self.process.scales(t)
+        alpha, sigma = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
+
+        def log_density(x0):
+            return -((x_t - alpha * x0) ** 2).flatten(1).sum(1) / (2 * sigma.flatten() ** 2)
+
+        log_keep, log_forget = log_density(keep), log_density(forget)
+        log_mix = torch.logaddexp(log_keep, log_forget) - torch.log(torch.tensor(2.0))
+        return x_t, t, keep, forget, (log_keep - log_mix).exp(), (log_forget - log_mix).exp()
+
+    def forget_loss(self, denoiser, data, plan):
+        x_t, t, _, forget, _, forget_weight = self._mixture(data, plan)
+        cond = select(data.forget.cond, plan.forget_index)
+        losses = x0_space_loss(denoiser.predict_x0(x_t, t, cond), forget, self.process.x0_loss_weight(t))
+        return (forget_weight * losses).mean(), float(losses.detach().mean())
+
+    def remember_loss(self, denoiser, data, plan):
+        x_t, t, keep, _, keep_weight, _ = self._mixture(data, plan)
+        cond = select(data.remember.cond, plan.remember_index)
+        losses = x0_space_loss(denoiser.predict_x0(x_t, t, cond), keep, self.process.x0_loss_weight(t))
+        return (keep_weight * losses).mean(), float(losses.detach().mean())
+
+    def combine(self, forget, remember):
+        forget_norm = dot(forget, forget).sqrt()
+        keep_norm = dot(remember, remember).sqrt()
+        coefficient = 0.0 if forget_norm == 0 else float(self.scale * keep_norm / forget_norm)
+        return [r - coefficient * f for f, r in zip(forget, remember, strict=True)], {}
+
+
+OBJECTIVES = ("surrogate", "neggrad", "erasediff", "siss")

@@ -1,0 +1,150 @@
+"""The unlearning loop: two passes, gradient combination, guards, progress and stop.
+
+One step (METHOD.md section 5):
+
+1. draw the step's indices, noise levels and noise (one generator, so a seed fixes the run);
+2. forget pass: forward + backward -> g_f;  remember pass: forward + backward -> g_r
+   (separate half-batches, so the work equals one ordinary step on the whole batch);
+3. g = objective.combine(g_f, g_r) (gradient surgery for ours), clip, optimizer step.
+
+The trainer only sees a :class:`~unlearn_core.denoiser.Denoiser`; attaching and removing LoRA
+(and so keeping the base model untouched) is the backend's job.
+
+Example::
+
+    config = UnlearnConfig(steps=50, learning_rate=1e-4)
+    result = train_unlearning(denoiser, RectifiedFlow(), data, config,
+                              callback=lambda step, total, m: print(step, m["forget_loss"]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import UnlearnConfig
+from .data import UnlearnData
+from .denoiser import Denoiser
+from .errors import InputError, TrainingDiverged, TrainingStopped
+from .objectives import SISS, EraseDiff, NegGrad, Objective, SurrogateUnlearning
+from .process import ForwardProcess
+
+__all__ = ["train_unlearning", "make_objective", "TrainResult", "Callback"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def make_objective(config: UnlearnConfig, process: ForwardProcess) -> Objective:
+    sizes = (process, config.forget_batch_size, config.remember_batch_size)
+    if config.method == "surrogate":
+        return SurrogateUnlearning(*sizes, weighting=config.make_weighting(), surgery=config.surgery)
+    if config.method == "neggrad":
+        return NegGrad(*sizes)
+    if config.method == "erasediff":
+        return EraseDiff(*sizes, eta=config.erasediff_eta)
+    return SISS(*sizes, scale=config.siss_scale)
+
+
+def _autocast(config: UnlearnConfig, device: torch.device):
+    if config.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, config.dtype))
+
+
+def _gradients(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.float() for g, p in zip(grads, params, strict=True)]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def train_unlearning(
+    denoiser: Denoiser,
+    process: ForwardProcess,
+    data: UnlearnData,
+    config: UnlearnConfig,
+    callback: Callback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train the denoiser's trainable parameters to forget ``data.forget`` and keep ``data.remember``.
+
+    Raises :class:`TrainingStopped` when ``should_stop()`` turns true and
+    :class:`TrainingDiverged` on a non-finite loss or gradient; in both cases the trainable
+    parameters are left as they were at the failing step and the caller discards them.
+    """
+    params = [p for p in denoiser.trainable_parameters() if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters: attach a LoRA (or use adapter='full') first")
+    device = params[0].device
+    objective = make_objective(config, process)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    started = time.perf_counter()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        for step in range(1, config.steps + 1):
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"stopped by the user before step {step} of {config.steps}; nothing was saved")
+            plan = objective.plan(data, generator)
+            with _autocast(config, device):
+                forget_loss, forget_error = objective.forget_loss(denoiser, data, plan)
+            if not torch.isfinite(forget_loss):
+                raise TrainingDiverged(step, "forget loss")
+            forget_grad = _gradients(forget_loss, params)
+            with _autocast(config, device):
+                remember_loss, remember_error = objective.remember_loss(denoiser, data, plan)
+            if not torch.isfinite(remember_loss):
+                raise TrainingDiverged(step, "remember loss")
+            remember_grad = _gradients(remember_loss, params)
+            update, stats = objective.combine(forget_grad, remember_grad)
+            if not _all_finite(update):
+                raise TrainingDiverged(step, "gradient")
+
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in update)))
+            if config.grad_clip is not None and norm > config.grad_clip:
+                scale = config.grad_clip / (norm + 1e-12)
+                update = [g * scale for g in update]
+            for param, grad in zip(params, update, strict=True):
+                param.grad = grad.to(param.dtype)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            metrics = {
+                "step": step,
+                "forget_loss": forget_error,
+                "remember_loss": remember_error,
+                "objective": float(forget_loss.detach()) + float(remember_loss.detach()),
+                "grad_norm": norm,
+                **stats,
+            }
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise TrainingDiverged(step, "loss")
+            history.append(metrics)
+            if callback is not None:
+                callback(step, config.steps, metrics)
+
+    seconds = time.perf_counter() - started
+    log.info("unlearning: %d steps in %.1f s, final %s", config.steps, seconds, history[-1])
+    return TrainResult(steps=config.steps, seconds=seconds, history=history)
