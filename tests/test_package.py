@@ -43,3 +43,10 @@ def test_versions_and_comfy_table_agree():
     assert project["project"]["version"] == unlearn_core.__version__
     assert "comfyui" not in project["project"]["name"].lower()
     assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
+
+
+def test_requirements_txt_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {d for d in project["project"]["dependencies"] if d != "torch"}
+    listed = {line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert listed == declared

@@ -1,0 +1,147 @@
+"""Build Surrogate (SDEdit/Inpaint): a mildly edited copy of each target, made by the loaded model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..unlearn_core.errors import InputError
+from ..unlearn_core.metrics import ssim
+from . import host
+from .mark_undesired import preview_batch
+from .targets import Target, TargetsType
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sdedit", "inpaint", "edited_image", "flip", "noise")
+
+
+def _as_batch(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) -> (1, 3, H, W) for metrics."""
+    return image.permute(2, 0, 1).unsqueeze(0).float()
+
+
+def similarity(target: torch.Tensor, surrogate: torch.Tensor) -> float:
+    """SSIM of two (H, W, 3) images; the surrogate is resized to the target for the comparison only."""
+    surrogate = _as_batch(surrogate)
+    if surrogate.shape[-2:] != target.shape[:2]:
+        surrogate = F.interpolate(surrogate, size=target.shape[:2], mode="bilinear", antialias=True)
+    return float(ssim(_as_batch(target), surrogate.clamp(0, 1)))
+
+
+def target_latent(target: Target, vae) -> torch.Tensor:
+    """The sampler's latent when it was recorded, else the VAE encoding of the image."""
+    if target.latent is not None:
+        return target.latent.unsqueeze(0).float()
+    return host.encode(vae, target.image.unsqueeze(0)).float()
+
+
+class BuildSurrogate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InstanceUnlearn_BuildSurrogate",
+            display_name="Build Surrogate (SDEdit/Inpaint)",
+            category="unlearn/targets",
+            description=(
+                "Builds the surrogate of every target: a mildly edited copy that keeps the structure "
+                "but not the undesired part. SDEdit re-noises the target to 'strength' and denoises "
+                "it with the loaded model (optionally with an edit prompt); inpaint regenerates only "
+                "the masked region; edited_image uses your own correction; flip and noise are weak "
+                "baselines for comparison. The preview shows target | surrogate with their SSIM: "
+                "raise strength if they are nearly identical, lower it if the structure is lost."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The loaded model that produced the targets (the one to unlearn)."),
+                io.Vae.Input("vae", tooltip="The model's VAE, to encode targets without a latent and decode surrogates."),
+                TargetsType.Input("targets", tooltip="Targets from Mark Undesired Output."),
+                io.Combo.Input("method", options=list(METHODS), default="sdedit",
+                               tooltip="sdedit (default), inpaint (needs a mask), edited_image (your correction), flip / noise (ablation)."),
+                io.Float.Input("strength", default=0.5, min=0.05, max=1.0, step=0.05,
+                               tooltip="How far to re-noise (sdedit/inpaint): 0.3-0.7 edits mildly; stronger forgets more, keeps less."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the surrogate's noise."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps for a full denoise (scaled by strength)."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, tooltip="Guidance scale of the edit."),
+                io.Combo.Input("sampler_name", options=list(host.SAMPLERS), default="euler", tooltip="ComfyUI sampler for the edit."),
+                io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="sgm_uniform", tooltip="ComfyUI scheduler for the edit."),
+                io.Float.Input("noise_std", default=0.1, min=0.0, max=2.0, step=0.01, tooltip="Latent noise of the 'noise' ablation surrogate."),
+                io.Conditioning.Input("edit_conditioning", optional=True,
+                                      tooltip="Optional edit prompt (e.g. the same prompt with the fix spelled out); defaults to the target's own conditioning."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Optional negative conditioning; defaults to a zeroed prompt."),
+                io.Image.Input("edited_image", optional=True,
+                               tooltip="Your corrected version(s) of the target(s) for method=edited_image, one per target, same size."),
+            ],  # fmt: skip
+            outputs=[
+                TargetsType.Output(display_name="targets", tooltip="The targets with their surrogates attached."),
+                io.Image.Output(display_name="preview", tooltip="target | surrogate, side by side, one row per target."),
+                io.String.Output(display_name="similarity", tooltip="SSIM between each target and its surrogate (1 = identical)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, targets, method, strength, seed, steps, cfg, sampler_name, scheduler, noise_std,
+                edit_conditioning=None, negative=None, edited_image=None) -> io.NodeOutput:  # fmt: skip
+        if len(targets) == 0:
+            raise InputError("no targets: mark at least one output first")
+        if method == "edited_image":
+            if edited_image is None or len(edited_image) != len(targets):
+                count = 0 if edited_image is None else len(edited_image)
+                raise InputError(f"method=edited_image needs one edited image per target ({len(targets)}), got {count}")
+        if method == "inpaint" and any(t.mask is None for t in targets):
+            raise InputError("method=inpaint needs a mask on every target: connect a mask to Mark Undesired Output")
+        host.model_family(model)
+        built, previews, lines = [], [], []
+        for index, target in enumerate(targets.targets):
+            latent = target_latent(target, vae)
+            positive = edit_conditioning or target.conditioning
+            needs_sampler = method in ("sdedit", "inpaint")
+            if needs_sampler and positive is None:
+                raise InputError(
+                    "this target has no conditioning: connect the conditioning that produced it to Mark "
+                    "Undesired Output, or give edit_conditioning here"
+                )
+            surrogate_image = None
+            if method == "sdedit":
+                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, negative,
+                                         latent, denoise=strength)  # fmt: skip
+            elif method == "inpaint":
+                mask = target.mask.reshape(1, 1, *target.mask.shape)
+                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, negative,
+                                         latent, denoise=strength, noise_mask=mask)  # fmt: skip
+            elif method == "edited_image":
+                edited = edited_image[index]
+                if edited.shape[:2] != target.image.shape[:2]:
+                    raise InputError(
+                        f"edited image {index} is {tuple(edited.shape[:2])} but its target is "
+                        f"{tuple(target.image.shape[:2])}: the surrogate must have the target's size"
+                    )
+                surrogate = host.encode(vae, edited.unsqueeze(0)).float()
+                surrogate_image = edited[:, :, :3]
+            elif method == "flip":
+                surrogate = latent.flip(-1)
+                surrogate_image = target.image.flip(1)
+            else:
+                generator = torch.Generator().manual_seed(seed + index)
+                surrogate = latent + noise_std * torch.randn(latent.shape, generator=generator)
+            if surrogate.shape != latent.shape:
+                raise InputError(f"surrogate latent {tuple(surrogate.shape)} differs from the target's {tuple(latent.shape)}")
+            if surrogate_image is None:
+                surrogate_image = host.decode(vae, surrogate)[0]
+            score = similarity(target.image, surrogate_image)
+            if torch.equal(surrogate, latent):
+                log.warning("surrogate of target %s is identical to it: nothing to learn; raise the strength", target.id)
+            lines.append(f"target {index} ({target.id}): SSIM(target, surrogate) = {score:.3f}")
+            built.append(Target(**{**target.__dict__, "latent": latent[0], "surrogate_latent": surrogate[0].float(),
+                                   "surrogate_image": surrogate_image, "surrogate_method": method}))  # fmt: skip
+            previews.append(_side_by_side(target.image, surrogate_image))
+        return io.NodeOutput(targets.with_targets(built), preview_batch(previews), "\n".join(lines))
+
+
+def _side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    if right.shape[:2] != left.shape[:2]:
+        right = F.interpolate(right.permute(2, 0, 1)[None], size=left.shape[:2], mode="bilinear")[0].permute(1, 2, 0)
+    return torch.cat([left, right.to(left)], dim=1)

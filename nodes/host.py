@@ -1,0 +1,346 @@
+"""The one module that knows ComfyUI's model objects: ModelPatcher -> core denoiser, LoRA on a clone.
+
+How training stays off the user's cached model (COMFYUI.md):
+
+- everything happens on ``patcher.clone()``: the clone shares the network but carries its own
+  weight wrappers and object patches, which ComfyUI applies only while the clone is loaded and
+  removes when it is unloaded;
+- LoRA adapters are ComfyUI's own trainable ``LoraDiff`` modules attached with
+  ``add_weight_wrapper`` (the native trainer's approach), so the trained tensors are already
+  in the LORA_MODEL key format that SaveLoRA / LoraModelLoader understand;
+- the loaded weights are inference tensors that autograd may not save. Instead of deep-copying
+  the network (what TrainLoraNode does, doubling memory), each weight gets an object patch with
+  a *non-inference alias of the same storage*: no bytes are copied and nothing can write
+  through it, because the aliases never require grad and the optimizer only sees LoRA tensors;
+- on exit (success, error or cancel) the clone is unloaded and every module's wrapper list is
+  emptied, so the next use of the base model loads it exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import torch
+import torch.utils.checkpoint
+from comfy.model_base import ModelType
+from comfy.weight_adapter.lora import LoRAAdapter
+
+from ..unlearn_core.denoiser import Conditioning
+from ..unlearn_core.errors import InputError
+from ..unlearn_core.process import ForwardProcess
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = {ModelType.FLOW: "flow", ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
+
+#: attention projections of MMDiT (SD3/SD3.5: fused qkv + proj per stream) and of UNet/DiT
+#: transformers (separate to_q/k/v/out) — the same set diffusers' SD3 LoRA recipe trains.
+DEFAULT_TARGETS = (r"\.attn2?\.(qkv|proj)$", r"\.(to_q|to_k|to_v|to_out\.0)$")
+
+
+def model_family(patcher) -> str:
+    """'flow', 'eps' or 'v'; anything else is refused with the reason."""
+    model = getattr(patcher, "model", None)
+    model_type = getattr(model, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        name = getattr(model_type, "name", type(model).__name__)
+        raise InputError(
+            f"this model ({type(model).__name__}, type {name}) is not supported: instance unlearning "
+            "handles flow models (SD3, SD3.5, Flux-style) and epsilon/v-prediction diffusion models"
+        )
+    return SUPPORTED_TYPES[model_type]
+
+
+class HostProcess(ForwardProcess):
+    """The host model's own noising, in sigma form, behind the core's process interface.
+
+    Noise fraction t is sigma itself for flow models (as in SD3) and the timestep fraction for
+    discrete eps/v models. The denoiser returns x0 directly, so the native output *is* x0 and
+    the loss weight is 1 / sigma^2 (velocity MSE for flow, epsilon MSE for eps models).
+    """
+
+    def __init__(self, model_sampling, family: str):
+        self.model_sampling = model_sampling
+        self.family = family
+        self.t_min = 0.02
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        if self.family == "flow":
+            return t.float()
+        steps = len(self.model_sampling.sigmas)
+        return self.model_sampling.sigma(t.float() * steps - 1).float()
+
+    def scales(self, t):
+        sigma = self.sigma(t)
+        if self.family == "flow":
+            return 1 - sigma, sigma
+        return torch.ones_like(sigma), sigma
+
+    def add_noise(self, x0, noise, t):
+        return self.model_sampling.noise_scaling(self.sigma(t).to(x0), noise, x0)
+
+    def sample_t(self, n, generator=None):
+        u = torch.rand(n, generator=generator)
+        if self.family == "flow":
+            sigma = torch.tensor([float(self.model_sampling.percent_to_sigma(1 - float(v))) for v in u])
+            return sigma.clamp(min=self.t_min, max=1.0)
+        steps = len(self.model_sampling.sigmas)
+        return (torch.randint(1, steps + 1, (n,), generator=generator).float() / steps).clamp(min=self.t_min)
+
+    def sampling_ts(self, steps, start=1.0):
+        raise NotImplementedError("ComfyUI models are sampled with ComfyUI's own samplers")
+
+    def model_timestep(self, t):
+        return self.sigma(t)
+
+    def predict_x0(self, x_t, output, t):
+        return output
+
+    def output_target(self, x_t, x0, t):
+        return x0
+
+    def x0_loss_weight(self, t):
+        return 1.0 / self.sigma(t).clamp_min(1e-3) ** 2
+
+
+class PatcherDenoiser:
+    """x0 predictions of a loaded ModelPatcher (the clone that carries the LoRA)."""
+
+    def __init__(self, patcher, process: HostProcess, parameters: list[torch.nn.Parameter]):
+        self.patcher = patcher
+        self.process = process
+        self._parameters = parameters
+
+    def predict_x0(self, x_t, t, cond):
+        sigma = self.process.sigma(t).to(x_t.device)
+        return self.patcher.model.apply_model(x_t, sigma, transformer_options={}, **cond)
+
+    def trainable_parameters(self):
+        return self._parameters
+
+
+def conditioning_tensors(patcher, conditioning, n: int, latent: torch.Tensor) -> Conditioning:
+    """ComfyUI CONDITIONING -> the model's keyword tensors (c_crossattn, y, ...) for n samples.
+
+    Uses the model's own ``extra_conds`` so that whatever the model family needs is built the
+    way ComfyUI's samplers build it.
+    """
+    if not conditioning:
+        return {}
+    if not isinstance(conditioning, list) or not isinstance(conditioning[0], (list, tuple)):
+        raise InputError("CONDITIONING is malformed: connect the output of a text encode node")
+    cross_attn, extra = conditioning[0][0], dict(conditioning[0][1])
+    extra.pop("cross_attn", None)
+    built = patcher.model.extra_conds(
+        cross_attn=cross_attn, device=latent.device, noise=latent[:1], latent_image=latent[:1], **extra
+    )
+    tensors: Conditioning = {}
+    for key, value in built.items():
+        tensor = getattr(value, "cond", None)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if key == "c_concat":
+            raise InputError("inpainting/concat-conditioned models are not supported for unlearning")
+        tensor = tensor.detach().clone().to(latent.device)
+        tensors[key] = tensor[:1].expand(n, *tensor.shape[1:]).clone() if len(tensor) != n else tensor
+    return tensors
+
+
+def process_latent_in(patcher, samples: torch.Tensor) -> torch.Tensor:
+    """Raw LATENT samples (VAE space) -> the space the network denoises."""
+    return patcher.model.process_latent_in(samples.detach().clone().float())
+
+
+def process_latent_out(patcher, samples: torch.Tensor) -> torch.Tensor:
+    return patcher.model.process_latent_out(samples)
+
+
+def _alias(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """A non-inference tensor over the same storage (no copy), frozen."""
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return torch.nn.Parameter(alias, requires_grad=False)
+
+
+def _is_target(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def target_patterns(target_modules: tuple[str, ...] | None) -> tuple[str, ...]:
+    if not target_modules:
+        return DEFAULT_TARGETS
+    return tuple(r"(^|\.)" + re.escape(t) + "$" for t in target_modules)
+
+
+def release(clone) -> None:
+    """Unload ``clone`` and leave its shared modules without any wrapper of ours."""
+    management = comfy.model_management
+    for index in reversed(range(len(management.current_loaded_models))):
+        loaded = management.current_loaded_models[index]
+        if loaded.model is clone:
+            loaded.model_unload()
+            management.current_loaded_models.pop(index)
+    for module in clone.model.modules():
+        if hasattr(module, "weight_function"):
+            module.weight_function = []
+        if hasattr(module, "bias_function"):
+            module.bias_function = []
+
+
+@contextlib.contextmanager
+def lora_training_clone(
+    patcher, rank: int, alpha: float, target_modules: tuple[str, ...] | None, seed: int
+) -> Iterator[tuple[object, dict[str, torch.nn.Module]]]:
+    """A loaded clone of ``patcher`` with fresh LoRA adapters on the target layers.
+
+    Yields (clone, adapters by module name). The base patcher and its network are left
+    exactly as they were, whatever happens inside the block.
+    """
+    model_family(patcher)
+    patterns = target_patterns(target_modules)
+    clone = patcher.clone()
+    adapters: dict[str, torch.nn.Module] = {}
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoraDiff initialises lora_up from the global RNG
+        for name, module in clone.model.named_modules():
+            if not hasattr(module, "weight_function"):
+                continue
+            for kind in ("weight", "bias"):
+                tensor = getattr(module, kind, None)
+                if tensor is None:
+                    continue
+                key = f"{name}.{kind}"
+                clone.add_object_patch(key, _alias(tensor))
+                if kind == "weight" and tensor.dim() >= 2 and _is_target(name, patterns):
+                    smallest = min(tensor.shape[0], tensor[0].numel())
+                    if rank > smallest:
+                        raise InputError(f"LoRA rank {rank} is larger than layer {name} allows (at most {smallest}); lower the rank")
+                    adapter = LoRAAdapter.create_train(tensor, rank=rank, alpha=alpha).to(torch.float32)
+                    adapter.train().requires_grad_(True)
+                    adapter.alpha.requires_grad_(False)
+                    clone.add_weight_wrapper(key, adapter)
+                    adapters[name] = adapter
+    if not adapters:
+        raise InputError(f"no layer of this model matches the LoRA targets {list(target_modules or DEFAULT_TARGETS)}")
+    try:
+        comfy.model_management.load_models_gpu([clone], force_full_load=True)
+        yield clone, adapters
+    finally:
+        release(clone)
+
+
+def adapter_parameters(adapters: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for adapter in adapters.values() for p in (adapter.lora_up.weight, adapter.lora_down.weight)]
+
+
+def lora_state_dict(adapters: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """LORA_MODEL: ComfyUI-native keys (``<module>.lora_up.weight`` / ``lora_down.weight`` / ``alpha``)."""
+    tensors = {}
+    for name, adapter in adapters.items():
+        tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().float().cpu().clone()
+        tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().float().cpu().clone()
+        tensors[f"{name}.alpha"] = adapter.alpha.detach().float().cpu().clone()
+    return tensors
+
+
+def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of ``patcher`` with ``lora`` applied the way the stock LoRA loaders apply it."""
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
+    return model
+
+
+def model_name(patcher) -> str:
+    """A stable description of the base model for provenance (class, type, size)."""
+    model = patcher.model
+    size = sum(p.numel() for p in model.diffusion_model.parameters())
+    return f"{type(model).__name__}/{model.model_type.name}/{size}"
+
+
+# --- sampling and the VAE (ComfyUI's own) -------------------------------------------------------
+
+SAMPLERS = comfy.samplers.KSampler.SAMPLERS
+SCHEDULERS = comfy.samplers.KSampler.SCHEDULERS
+
+
+def zero_conditioning(conditioning):
+    """The empty-prompt stand-in SD3 graphs build with ConditioningZeroOut."""
+    out = []
+    for tensor, extra in conditioning:
+        extra = dict(extra)
+        if isinstance(extra.get("pooled_output"), torch.Tensor):
+            extra["pooled_output"] = torch.zeros_like(extra["pooled_output"])
+        out.append([torch.zeros_like(tensor), extra])
+    return out
+
+
+def ksample(
+    patcher, seed: int, steps: int, cfg: float, sampler: str, scheduler: str, positive, negative,
+    latent: torch.Tensor, denoise: float = 1.0, noise_mask: torch.Tensor | None = None, batch_index: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    """ComfyUI's KSampler on raw LATENT samples; returns raw samples (as KSampler does).
+
+    ``batch_index`` picks the noise that image had in its original batch (KSampler draws one
+    noise tensor per batch from the seed), so a marked image can be regenerated exactly.
+    """
+    latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
+    noise = comfy.sample.prepare_noise(latent, seed, [batch_index] * len(latent) if batch_index else None)
+    return comfy.sample.sample(
+        patcher, noise, steps, cfg, sampler, scheduler, positive, negative or zero_conditioning(positive),
+        latent, denoise=denoise, noise_mask=noise_mask, disable_pbar=True, seed=seed,
+    )  # fmt: skip
+
+
+def empty_latent(patcher, height: int, width: int, batch: int = 1) -> torch.Tensor:
+    channels = patcher.model.latent_format.latent_channels
+    return torch.zeros(batch, channels, height // 8, width // 8)
+
+
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) -> raw LATENT samples."""
+    return vae.encode(images[:, :, :, :3])
+
+
+def decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    """Raw LATENT samples -> IMAGE (B, H, W, 3)."""
+    images = vae.decode(samples)
+    if images.dim() == 5:  # video VAEs return (B, T, H, W, C)
+        images = images.reshape(-1, *images.shape[-3:])
+    return images.clamp(0, 1)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(patcher, enabled: bool):
+    """Recompute each transformer block in backward (memory for compute), undone on exit.
+
+    The blocks are shared with the base model, so their forwards are restored in ``finally``.
+    """
+    if not enabled:
+        yield
+        return
+    blocks = [
+        block
+        for child in patcher.model.diffusion_model.children()
+        if isinstance(child, torch.nn.ModuleList)
+        for block in child
+    ]
+    originals = []
+    try:
+        for block in blocks:
+            original = block.forward
+
+            def checkpointed(*args, _forward=original, **kwargs):
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            originals.append((block, original))
+            block.forward = checkpointed
+        yield
+    finally:
+        for block, _ in originals:
+            del block.forward  # drops the instance attribute: the class forward is back

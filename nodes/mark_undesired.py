@@ -1,0 +1,145 @@
+"""Mark Undesired Output: put outputs into a named forget set and pass the set on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..unlearn_core.errors import InputError
+from . import provenance
+from .targets import Target, TargetsType, UnlearnTargets, store
+
+
+def parse_indices(text: str, batch: int) -> list[int]:
+    """'0', '0,2', '1-3' or 'all' -> sorted batch indices, each checked against the batch size."""
+    text = (text or "").strip().lower()
+    if text in ("all", "*"):
+        return list(range(batch))
+    chosen: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                low, high = (int(v) for v in part.split("-", 1))
+                chosen.update(range(low, high + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise InputError(f"indices {text!r} are not understood: use e.g. '0', '0,2', '1-3' or 'all'") from None
+    bad = sorted(i for i in chosen if not 0 <= i < batch)
+    if bad or not chosen:
+        raise InputError(f"indices {text!r} do not pick images of this batch of {batch} (valid: 0..{batch - 1})")
+    return sorted(chosen)
+
+
+def _mask_for(mask: torch.Tensor | None, index: int, height: int, width: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
+    picked = mask[min(index, len(mask) - 1)]
+    if picked.shape != (height, width):
+        raise InputError(
+            f"the mask is {tuple(picked.shape)} but the image is ({height}, {width}); "
+            "draw the mask on this image (or scale it to the image size first)"
+        )
+    return picked
+
+
+def _conditioning_tensors(conditioning) -> dict[str, torch.Tensor] | None:
+    if not conditioning:
+        return None
+    tensor, extra = conditioning[0][0], conditioning[0][1]
+    tensors = {"cross_attn": tensor}
+    if isinstance(extra.get("pooled_output"), torch.Tensor):
+        tensors["pooled_output"] = extra["pooled_output"]
+    return tensors
+
+
+def _conditioning_from(tensors: dict[str, torch.Tensor] | None):
+    if not tensors:
+        return None
+    extra = {"pooled_output": tensors["pooled_output"]} if "pooled_output" in tensors else {}
+    return [[tensors["cross_attn"], extra]]
+
+
+class MarkUndesiredOutput(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InstanceUnlearn_MarkUndesired",
+            display_name="Mark Undesired Output",
+            category="unlearn/targets",
+            description=(
+                "Adds the chosen images of a batch to a named forget set on disk (with the sampler's "
+                "latent, an optional mask of the undesired region and where the image came from) and "
+                "outputs every target of that set. Marking the same image twice changes nothing. "
+                "With no images connected it just loads the set, e.g. one filled from the image "
+                "context menu."
+            ),
+            inputs=[
+                io.String.Input("forget_set", default="default",
+                                tooltip="Name of the forget set (letters, digits, space, _ - .). Targets accumulate across runs."),
+                io.String.Input("indices", default="0",
+                                tooltip="Which images of the batch to mark: '0', '0,2', '1-3' or 'all'."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The generated batch holding the undesired output(s)."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="The sampler's output latent for this batch; used instead of re-encoding the image."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional undesired region (1 = undesired) at the image size; enables inpaint surrogates."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="The conditioning that produced the images (context for training; never the selector)."),
+            ],  # fmt: skip
+            outputs=[
+                TargetsType.Output(display_name="targets", tooltip="Every target of the forget set, ready for Build Surrogate."),
+                io.Image.Output(display_name="marked", tooltip="The images of the forget set (for preview)."),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, forget_set, indices, images=None, latent=None, mask=None, conditioning=None) -> io.NodeOutput:
+        forget_store = store()
+        folder_name = forget_store.folder(forget_set).name
+        if images is not None:
+            chosen = parse_indices(indices, len(images))
+            samples = None if latent is None else latent["samples"]
+            if samples is not None and len(samples) != len(images):
+                raise InputError(f"the latent batch ({len(samples)}) and the image batch ({len(images)}) differ; connect the matching latent")
+            origin = provenance.from_prompt(cls.hidden.prompt, cls.hidden.unique_id)
+            cond_tensors = _conditioning_tensors(conditioning)
+            for index in chosen:
+                height, width = images.shape[1:3]
+                forget_store.add(
+                    folder_name, images[index],
+                    latent=None if samples is None else samples[index],
+                    mask=_mask_for(mask, index, height, width),
+                    provenance={**origin, "batch_index": index},
+                    conditioning=cond_tensors,
+                )  # fmt: skip
+        records = forget_store.records(folder_name)
+        if not records:
+            raise InputError(
+                f"forget set {folder_name!r} is empty: connect the images to mark (and pick their indices), "
+                "or mark an image from its context menu first"
+            )
+        targets = []
+        for record in records:
+            stored_cond = _conditioning_from(forget_store.load_conditioning(folder_name, record))
+            targets.append(Target(
+                id=record.id,
+                image=forget_store.load_image(folder_name, record),
+                latent=forget_store.load_latent(folder_name, record),
+                mask=forget_store.load_mask(folder_name, record),
+                conditioning=stored_cond or conditioning,
+                provenance=record.provenance,
+            ))  # fmt: skip
+        return io.NodeOutput(UnlearnTargets(folder_name, targets), preview_batch([t.image for t in targets]))
+
+
+def preview_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (H, W, 3) images of possibly different sizes into one IMAGE batch (padded)."""
+    height = max(i.shape[0] for i in images)
+    width = max(i.shape[1] for i in images)
+    padded = [F.pad(i.permute(2, 0, 1), (0, width - i.shape[1], 0, height - i.shape[0])).permute(1, 2, 0) for i in images]
+    return torch.stack(padded)

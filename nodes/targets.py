@@ -1,0 +1,58 @@
+"""UNLEARN_TARGETS: the marked outputs travelling between the pack's nodes, and their store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..unlearn_core.files import safe_name, tensor_hash
+from ..unlearn_core.forget_set import ForgetSetStore
+
+TargetsType = io.Custom("UNLEARN_TARGETS")
+
+
+def store() -> ForgetSetStore:
+    """The pack's forget-set store, under ComfyUI's output folder."""
+    return ForgetSetStore(Path(folder_paths.get_output_directory()) / "unlearn" / "forget_sets")
+
+
+@dataclass
+class Target:
+    """One output to forget, with what produced it and (later) its surrogate."""
+
+    id: str
+    image: torch.Tensor  # (H, W, 3) in [0, 1]
+    latent: torch.Tensor | None = None  # (C, h, w) raw LATENT samples, when known
+    mask: torch.Tensor | None = None  # (H, W) in [0, 1], 1 = undesired region
+    conditioning: list | None = None  # the CONDITIONING that produced it
+    provenance: dict = field(default_factory=dict)
+    surrogate_latent: torch.Tensor | None = None
+    surrogate_image: torch.Tensor | None = None
+    surrogate_method: str | None = None
+
+    @property
+    def hash(self) -> str:
+        return self.id
+
+    @property
+    def surrogate_hash(self) -> str | None:
+        return None if self.surrogate_latent is None else tensor_hash(self.surrogate_latent)
+
+
+@dataclass
+class UnlearnTargets:
+    forget_set: str
+    targets: list[Target]
+
+    def __post_init__(self):
+        self.forget_set = safe_name(self.forget_set, "forget-set name")
+
+    def with_targets(self, targets: list[Target]) -> UnlearnTargets:
+        return replace(self, targets=targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)

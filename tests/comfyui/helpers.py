@@ -1,0 +1,50 @@
+"""Running the pack's V3 nodes in-process the way ComfyUI's executor does."""
+
+from __future__ import annotations
+
+import torch
+
+SIZE = 64  # pixels; latents are 8x8
+
+
+def run(node_cls, hidden: dict | None = None, **inputs):
+    """Execute a V3 node class (with its hidden inputs) under inference mode, like a prompt."""
+    node = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden or {}})
+    with torch.inference_mode():
+        return node.execute(**inputs).result
+
+
+def generate(comfy_nodes, model, vae, conditioning, seed: int, batch: int = 2, steps: int = 3):
+    """A batch through the stock KSampler and VAEDecode: (latent dict, images)."""
+    with torch.inference_mode():
+        empty = {"samples": torch.zeros(batch, 16, SIZE // 8, SIZE // 8)}
+        negative = [[torch.zeros_like(conditioning[0][0]), {"pooled_output": torch.zeros_like(conditioning[0][1]["pooled_output"])}]]
+        latent = comfy_nodes.KSampler().sample(model, seed, steps, 2.0, "euler", "sgm_uniform", conditioning, negative, empty)[0]
+        images = comfy_nodes.VAEDecode().decode(vae, latent)[0]
+    return latent, images
+
+
+def prompt_for(seed: int, steps: int = 3) -> tuple[dict, str]:
+    """A hidden PROMPT graph in which node '9' (Mark) is fed by VAEDecode <- KSampler <- UNETLoader."""
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 2.0,
+                                                   "sampler_name": "euler", "scheduler": "sgm_uniform", "denoise": 1.0}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0]}},
+        "9": {"class_type": "InstanceUnlearn_MarkUndesired", "inputs": {"images": ["4", 0], "latent": ["3", 0]}},
+    }  # fmt: skip
+    return prompt, "9"
+
+
+def denoiser_output(model, conditioning, seed: int = 5) -> torch.Tensor:
+    """One x0 prediction of a patcher at a fixed input: compares models bit for bit."""
+    import comfy.model_management
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=generator)
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+        tensors = model.model.extra_conds(cross_attn=conditioning[0][0], pooled_output=conditioning[0][1]["pooled_output"],
+                                          device=x.device, noise=x)  # fmt: skip
+        kwargs = {k: v.cond for k, v in tensors.items()}
+        return model.model.apply_model(x, torch.tensor([0.6]), **kwargs).clone()

@@ -1,0 +1,58 @@
+"""Tiny random-weight SD3 parts for tests: MMDiT (diffusers keys), SD3-style VAE, conditioning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TEXT_DIM = 64
+POOLED_DIM = 32
+TOKENS = 8
+
+
+def write_tiny_sd3(path: Path) -> Path:
+    """Depth-2 MMDiT (hidden 128 = 64 x depth, as ComfyUI's detection expects)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=128,
+        pooled_projection_dim=POOLED_DIM, pos_embed_max_size=32,
+    )  # fmt: skip
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_tiny_vae(path: Path) -> Path:
+    """An SD3-layout VAE (16 latent channels, 8x downscale) with a slim decoder, random weights."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    torch.manual_seed(1)
+    config = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+    decoder = dict(config, ch=32)
+    engine = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": decoder},
+    )
+    with torch.no_grad():  # ComfyUI's layers skip initialisation: give every tensor defined values
+        for name, tensor in engine.state_dict().items():
+            if tensor.dim() > 1:
+                torch.nn.init.kaiming_uniform_(tensor, a=5**0.5)
+            elif name.endswith("weight"):
+                tensor.fill_(1.0)
+            else:
+                tensor.zero_()
+    save_file({k: v.detach().half().contiguous() for k, v in engine.state_dict().items()}, str(path))
+    return path
+
+
+def conditioning(seed: int, batch: int = 1):
+    """SD3-shaped CONDITIONING for the tiny model (what a text encoder would give)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, TOKENS, TEXT_DIM, generator=generator),
+             {"pooled_output": torch.randn(batch, POOLED_DIM, generator=generator)}]]  # fmt: skip
