@@ -1,18 +1,27 @@
-"""The pack's ComfyExtension: the node list (and, on load, the web routes)."""
+"""The pack's ComfyExtension: the node list, and the web routes (registered on load, not import)."""
 
 from __future__ import annotations
 
+import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+from . import routes
 from .build_surrogate import BuildSurrogate
 from .mark_undesired import MarkUndesiredOutput
 from .preserve_check import PreserveCheck
+from .targets import store
 from .unlearn_lora import InstanceUnlearnLoRA
 
 NODES: list[type[io.ComfyNode]] = [MarkUndesiredOutput, BuildSurrogate, InstanceUnlearnLoRA, PreserveCheck]
 
 
 class InstanceUnlearnExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from server import PromptServer
+
+        if getattr(PromptServer, "instance", None) is not None:
+            routes.register(PromptServer.instance.routes, routes.ForgetSetHandlers(store, folder_paths.get_directory_by_type))
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return NODES
 

@@ -38,3 +38,12 @@ def test_tensor_hash_sees_values_dtype_and_shape():
     assert tensor_hash(a) != tensor_hash(a.reshape(2, 3))
     assert tensor_hash(a) != tensor_hash(a.double())
     assert tensor_hash(torch.tensor(1.0)) != tensor_hash(torch.tensor(2.0))
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    old = os.umask(0o022)
+    os.umask(old)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~old)

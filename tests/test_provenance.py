@@ -1,6 +1,6 @@
 """Provenance from a hidden prompt graph (pure data: runs without ComfyUI)."""
 
-from nodes.provenance import from_prompt
+from instance_unlearn.nodes.provenance import from_prompt
 
 
 def graph():

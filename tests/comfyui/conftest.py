@@ -7,7 +7,6 @@ diffusers keys (loaded by the stock UNETLoader path as SD3) and a small SD3-styl
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -56,11 +55,9 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pack(comfy):
     """This repository imported the way ComfyUI imports a custom node folder (as a package)."""
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    from conftest import import_pack
+
+    return import_pack(PACK)
 
 
 @pytest.fixture(scope="session")
