@@ -41,3 +41,11 @@ def test_copy_similarity_finds_copies():
         same = copy_similarity(detector, a, a)
         assert torch.allclose(same, torch.ones(3), atol=1e-5)
         assert (copy_similarity(detector, a, b) < 0.99).all()
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    from unlearn_core.pipeline import frechet_distance
+
+    features = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(features, features)) < 1e-6
+    assert frechet_distance(features, features + 0.5) > frechet_distance(features, features + 0.1) > 0

@@ -37,7 +37,6 @@ __all__ = [
     "OBJECTIVES",
 ]
 
-Gradients = list[torch.Tensor]
 
 
 def denoising_loss(
@@ -128,8 +127,9 @@ class Objective:
         losses = self._remember_losses(denoiser, data, plan)
         return losses.mean(), float(losses.detach().mean())
 
-    def combine(self, forget: Gradients, remember: Gradients) -> tuple[Gradients, dict[str, float]]:
-        return [f + r for f, r in zip(forget, remember, strict=True)], {}
+    def combine(self, forget: torch.Tensor, remember: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The update from the flat forget and remember gradients (plus stats for reporting)."""
+        return forget + remember, {}
 
 
 class SurrogateUnlearning(Objective):
@@ -196,8 +196,8 @@ class EraseDiff(Objective):
 
     def combine(self, forget, remember):
         norm_sq = dot(forget, forget)
-        coefficient = 0.0 if norm_sq == 0 else max(float(self.eta - dot(remember, forget) / norm_sq), 0.0)
-        return [r + coefficient * f for f, r in zip(forget, remember, strict=True)], {"erase_coefficient": coefficient}
+        coefficient = 0.0 if norm_sq == 0 else max(self.eta - dot(remember, forget) / norm_sq, 0.0)
+        return remember + coefficient * forget, {"erase_coefficient": coefficient}
 
 
 class SISS(Objective):
@@ -256,10 +256,10 @@ class SISS(Objective):
         return (keep_weight * losses).mean(), float(losses.detach().mean())
 
     def combine(self, forget, remember):
-        forget_norm = dot(forget, forget).sqrt()
-        keep_norm = dot(remember, remember).sqrt()
-        coefficient = 0.0 if forget_norm == 0 else float(self.scale * keep_norm / forget_norm)
-        return [r - coefficient * f for f, r in zip(forget, remember, strict=True)], {}
+        forget_norm = dot(forget, forget) ** 0.5
+        keep_norm = dot(remember, remember) ** 0.5
+        coefficient = 0.0 if forget_norm == 0 else self.scale * keep_norm / forget_norm
+        return remember - coefficient * forget, {}
 
 
 OBJECTIVES = ("surrogate", "neggrad", "erasediff", "siss")

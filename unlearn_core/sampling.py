@@ -32,6 +32,7 @@ def sample(
     init: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Denoise from noise fraction ``start`` to a clean batch.
 
@@ -39,6 +40,8 @@ def sample(
     - ``init`` with ``start<1``: SDEdit, ``init`` is noised to ``start`` with ``noise`` first.
     - ``keep`` and ``keep_mask`` (1 = regenerate, 0 = keep): after every step the kept region
       is reset to ``keep`` noised to the current level, so only the masked region changes.
+    - ``clip``: clamp each x0 estimate to [-clip, clip] (diffusers' ``clip_sample``), which
+      small pixel DDPMs need: their last steps magnify x0 errors many times.
     """
     if steps < 1:
         raise InputError(f"sampling needs at least one step, got {steps}")
@@ -54,6 +57,8 @@ def sample(
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
         t_batch, next_batch = t.expand(n).to(noise.device), t_next.expand(n).to(noise.device)
         x0_hat = denoiser.predict_x0(x, t_batch, cond)
+        if clip is not None:
+            x0_hat = x0_hat.clamp(-clip, clip)
         x = process.step_to(x, x0_hat, t_batch, next_batch)
         if keep is not None:
             known = keep if float(t_next) == 0 else process.add_noise(keep, noise, next_batch)

@@ -1,8 +1,9 @@
 r"""Gradient surgery between the forget gradient :math:`g_f` and the remember gradient :math:`g_r`.
 
-METHOD.md section 5. Gradients are lists of tensors (one per trainable parameter) treated as
-one flattened vector. When the two conflict (:math:`\langle g_f, g_r\rangle < 0`) the forget
-gradient loses its component along :math:`g_r`:
+METHOD.md section 5. Gradients are flat vectors over all trainable parameters (the trainer
+concatenates the LoRA tensors once per pass, so every operation here is one vector op). When
+the two conflict (:math:`\langle g_f, g_r\rangle < 0`) the forget gradient loses its component
+along :math:`g_r`:
 
 .. math::  g_f \leftarrow g_f - \frac{\langle g_f, g_r\rangle}{\lVert g_r\rVert^2} g_r
 
@@ -15,45 +16,39 @@ so the forget step no longer undoes remembering to first order. Modes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 __all__ = ["SURGERY_MODES", "dot", "project_off", "combine_gradients"]
 
 SURGERY_MODES = ("none", "project_forget", "pcgrad_both")
 
-Gradients = Sequence[torch.Tensor]
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> of flat vectors, accumulated in float64 so small projections stay exact."""
+    return float(torch.dot(a.double(), b.double()))
 
 
-def dot(a: Gradients, b: Gradients) -> torch.Tensor:
-    """<a, b> over all tensors, accumulated in float64 so tiny projections stay exact."""
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True))
-
-
-def project_off(g: Gradients, onto: Gradients) -> tuple[list[torch.Tensor], bool]:
+def project_off(g: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Remove from ``g`` its component along ``onto`` if they conflict.
 
-    Returns the (possibly) projected gradient and whether a projection happened. Non-conflicting
-    gradients come back as the same tensors, untouched.
+    Returns the (possibly) projected gradient and whether a projection happened; a
+    non-conflicting gradient comes back as the same tensor, untouched.
     """
     inner = dot(g, onto)
     norm_sq = dot(onto, onto)
     if inner >= 0 or norm_sq == 0:
-        return list(g), False
-    coefficient = (inner / norm_sq).to(g[0].dtype)
-    return [x - coefficient * y for x, y in zip(g, onto, strict=True)], True
+        return g, False
+    return g - (inner / norm_sq) * onto, True
 
 
 def combine_gradients(
-    forget: Gradients, remember: Gradients, mode: str = "project_forget"
-) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """The update direction g for one step, and stats (cosine, whether projected)."""
+    forget: torch.Tensor, remember: torch.Tensor, mode: str = "project_forget"
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The update direction g for one step, and stats (cosine of g_f and g_r, whether projected)."""
     if mode not in SURGERY_MODES:
         raise ValueError(f"unknown surgery mode {mode!r}; choose one of {', '.join(SURGERY_MODES)}")
-    inner = dot(forget, remember)
-    norms = (dot(forget, forget) * dot(remember, remember)).sqrt()
-    cosine = float(inner / norms) if norms > 0 else 0.0
+    norms = (dot(forget, forget) * dot(remember, remember)) ** 0.5
+    cosine = dot(forget, remember) / norms if norms > 0 else 0.0
     projected = False
     if mode == "project_forget":
         forget, projected = project_off(forget, remember)
@@ -61,5 +56,4 @@ def combine_gradients(
         new_forget, projected = project_off(forget, remember)
         remember, _ = project_off(remember, forget)
         forget = new_forget
-    combined = [f + r for f, r in zip(forget, remember, strict=True)]
-    return combined, {"grad_cosine": cosine, "projected": float(projected)}
+    return forget + remember, {"grad_cosine": cosine, "projected": float(projected)}

@@ -35,12 +35,13 @@ def sdedit(
     strength: float = 0.5,
     steps: int = 20,
     seed: int = 0,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Noise ``target`` to ``strength`` (0 keeps it, 1 replaces it) and denoise under ``cond``."""
     if not 0 < strength <= 1:
         raise InputError(f"SDEdit strength must lie in (0, 1], got {strength}; 0.3-0.7 edits mildly")
     step_count = max(1, round(steps * strength))
-    return sample(denoiser, process, _noise_like(target, seed), cond, step_count, start=strength, init=target)
+    return sample(denoiser, process, _noise_like(target, seed), cond, step_count, start=strength, init=target, clip=clip)
 
 
 def repaint(
@@ -52,13 +53,14 @@ def repaint(
     strength: float = 1.0,
     steps: int = 20,
     seed: int = 0,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Regenerate the region where ``mask`` is 1; the rest stays the target's pixels exactly."""
     mask = _check_mask(mask, target)
     step_count = max(1, round(steps * strength))
     return sample(
         denoiser, process, _noise_like(target, seed), cond, step_count, start=strength,
-        init=target, keep=target, keep_mask=mask,
+        init=target, keep=target, keep_mask=mask, clip=clip,
     )  # fmt: skip
 
 

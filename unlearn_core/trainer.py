@@ -70,13 +70,10 @@ def _autocast(config: UnlearnConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=getattr(torch, config.dtype))
 
 
-def _gradients(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+def _flat_gradient(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """d loss / d params as one float32 vector (so surgery is a handful of vector ops)."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.float() for g, p in zip(grads, params, strict=True)]
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params, strict=True)])
 
 
 def train_unlearning(
@@ -97,6 +94,7 @@ def train_unlearning(
     if not params:
         raise InputError("the model has no trainable parameters: attach a LoRA (or use adapter='full') first")
     device = params[0].device
+    sizes = [p.numel() for p in params]
     objective = make_objective(config, process)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
@@ -112,22 +110,20 @@ def train_unlearning(
                 forget_loss, forget_error = objective.forget_loss(denoiser, data, plan)
             if not torch.isfinite(forget_loss):
                 raise TrainingDiverged(step, "forget loss")
-            forget_grad = _gradients(forget_loss, params)
+            forget_grad = _flat_gradient(forget_loss, params)
             with _autocast(config, device):
                 remember_loss, remember_error = objective.remember_loss(denoiser, data, plan)
             if not torch.isfinite(remember_loss):
                 raise TrainingDiverged(step, "remember loss")
-            remember_grad = _gradients(remember_loss, params)
+            remember_grad = _flat_gradient(remember_loss, params)
             update, stats = objective.combine(forget_grad, remember_grad)
-            if not _all_finite(update):
+            norm = float(torch.linalg.vector_norm(update.double()))
+            if not math.isfinite(norm):
                 raise TrainingDiverged(step, "gradient")
-
-            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in update)))
             if config.grad_clip is not None and norm > config.grad_clip:
-                scale = config.grad_clip / (norm + 1e-12)
-                update = [g * scale for g in update]
-            for param, grad in zip(params, update, strict=True):
-                param.grad = grad.to(param.dtype)
+                update = update * (config.grad_clip / (norm + 1e-12))
+            for param, grad in zip(params, update.split(sizes), strict=True):
+                param.grad = grad.view_as(param).to(param.dtype)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

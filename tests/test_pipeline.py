@@ -1,0 +1,73 @@
+"""The main job end to end on the embedded flags model (shortened), the CLI, and the provider path."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_sd3, sd3_cond
+from safetensors.torch import save_file
+
+from unlearn_core import UnlearnConfig, load_lora
+from unlearn_core.cli import main
+from unlearn_core.errors import InputError
+from unlearn_core.pipeline import DemoSettings, run_demo
+
+QUICK = dict(seeds_per_class=2, sample_steps=4, remember_same_prompt=4, remember_per_other_class=1, integrity_seeds=8,
+             config=UnlearnConfig(steps=3, learning_rate=1e-3, lora_rank=4, forget_batch_size=2, remember_batch_size=2))  # fmt: skip
+
+
+def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path):
+    steps = []
+    report = run_demo(tmp_path, DemoSettings(**QUICK), callback=lambda step, total, m: steps.append(step))
+    assert steps == [1, 2, 3]
+    for name in ("grid.png", "report.json", "report.html", "unlearn_lora.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["checks"]["base_model_untouched"] is True
+    assert 0 <= saved["evaluation"]["integrity_ssim"] <= 1 and len(saved["evaluation"]["target_copy_similarity"]) == 1
+    assert saved["passed"] == all(saved["checks"].values()) and report["target"]["seed"] in (0, 1)
+    lora = load_lora(tmp_path / "unlearn_lora.safetensors")
+    assert lora.metadata["unlearn.method"] == "surrogate" and json.loads(lora.metadata["unlearn.target_hashes"])
+    assert (tmp_path / "forget_sets" / "demo" / "manifest.json").is_file()
+    assert "<img src=\"data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_demo_takes_a_named_target_and_refuses_bad_ones(tmp_path):
+    report = run_demo(tmp_path, DemoSettings(**{**QUICK, "target": "ireland:5", "surrogate": "repaint"}))
+    assert report["target"]["prompt"] == "ireland" and report["target"]["seed"] == 5
+    with pytest.raises(InputError, match="CLASS:SEED"):
+        run_demo(tmp_path, DemoSettings(**{**QUICK, "target": "narnia:1"}))
+
+
+def test_cli_exit_codes(tmp_path, monkeypatch):
+    import unlearn_core.pipeline as pipeline
+
+    original = pipeline.DemoSettings
+
+    def strict(**kwargs):  # impossible thresholds: the demo's own checks must fail -> exit 1
+        return original(**{**QUICK, **kwargs, "forget_threshold": -1.0})
+
+    monkeypatch.setattr(pipeline, "DemoSettings", strict)
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 1
+    assert main(["demo", "--out", str(tmp_path), "--target", "narnia:1"]) == 2
+
+
+def test_provider_job_on_a_diffusers_model_folder(tmp_path):
+    model = make_tiny_sd3()
+    model.save_pretrained(tmp_path / "transformer")
+    g = torch.Generator().manual_seed(0)
+    targets = torch.rand(1, 4, 8, 8, generator=g) * 2 - 1
+    save_file({"targets": targets, **sd3_cond(1)}, str(tmp_path / "targets.safetensors"))
+    job = {"model": {"path": "transformer", "kind": "sd3"}, "targets": "targets.safetensors",
+           "surrogate": {"method": "sdedit", "strength": 0.5, "steps": 4}, "remember": {"generate": 4, "steps": 4},
+           "config": {"steps": 3, "lora_rank": 2, "forget_batch_size": 2, "remember_batch_size": 2},
+           "output": "out/forget.safetensors", "key_format": "comfy"}  # fmt: skip
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert main(["run", str(tmp_path / "job.json")]) == 0
+    lora = load_lora(tmp_path / "out" / "forget.safetensors")
+    assert lora.namespace == "mmdit" and lora.metadata["unlearn.base_model"] == "transformer"
+    (tmp_path / "bad.json").write_text(json.dumps({**job, "output": "../escape.safetensors"}))
+    assert main(["run", str(tmp_path / "bad.json")]) == 2
+    (tmp_path / "typo.json").write_text(json.dumps({**job, "confg": {}}))
+    assert main(["run", str(tmp_path / "typo.json")]) == 2
+    assert not (tmp_path.parent / "escape.safetensors").exists()

@@ -1,0 +1,334 @@
+"""The whole job on a diffusers model, headless: generate, find/mark, surrogate, unlearn, check.
+
+:func:`run_demo` runs it on the embedded flags model (an SD3-architecture rectified-flow
+transformer trained by ``benchmarks/train_demo_models.py``) and writes a before/after grid,
+the LoRA and a JSON + HTML report; :func:`evaluate` is the preserve check both the demo and the
+benchmark use.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backends.diffusers_backend import DiffusersDenoiser, lora_attached, unlearn_diffusers
+from .config import UnlearnConfig
+from .data import ForgetTargets, RememberSet, UnlearnData
+from .errors import InputError
+from .files import atomic_path, atomic_write_text, tensor_hash
+from .forget_set import ForgetSetStore
+from .lora import LoraWeights, save_lora
+from .metrics import copy_similarity, load_lpips, lpips_distance, psnr, ssim
+from .sampling import sample, seeded_noise
+from .surrogate import repaint, sdedit
+
+__all__ = ["DemoSettings", "run_demo", "evaluate", "generate", "to_unit"]
+
+log = logging.getLogger(__name__)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> [0, 1]."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def generate(model, process, cond_fn: Callable, labels: list[int], seeds: list[int], steps: int,
+             lora: LoraWeights | None = None, batch: int = 64, clip: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Samples for (label, seed) pairs; the same pair always gives the same image."""
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    outputs = []
+    with lora_attached(model, weights=lora) if lora is not None else contextlib.nullcontext():
+        denoiser = DiffusersDenoiser(model, process)
+        for start in range(0, len(seeds), batch):
+            chunk_seeds, chunk_labels = seeds[start : start + batch], labels[start : start + batch]
+            noise = seeded_noise(chunk_seeds, shape)
+            outputs.append(sample(denoiser, process, noise, cond_fn(chunk_labels), steps, clip=clip))
+    return torch.cat(outputs).clamp(-1, 1)
+
+
+@dataclass
+class Evaluation:
+    """Forgetting on the targets and integrity on other seeds, base vs unlearned (same seeds)."""
+
+    target_copy_similarity: list[float]
+    target_ssim: list[float]
+    forgotten: list[bool]
+    integrity_ssim: float
+    integrity_psnr: float
+    integrity_lpips: float | str
+    feature_distance: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+def evaluate(
+    base_targets: torch.Tensor,
+    unlearned_targets: torch.Tensor,
+    base_others: torch.Tensor,
+    unlearned_others: torch.Tensor,
+    detector,
+    forget_threshold: float,
+    lpips_model=None,
+) -> Evaluation:
+    """All images in [-1, 1]; targets and others regenerated from the same seeds."""
+    similarity = copy_similarity(detector, to_unit(unlearned_targets), to_unit(base_targets))
+    target_ssim = ssim(to_unit(unlearned_targets), to_unit(base_targets))
+    others_ssim = ssim(to_unit(base_others), to_unit(unlearned_others))
+    others_psnr = psnr(to_unit(base_others), to_unit(unlearned_others))
+    if lpips_model is None or not lpips_model:
+        lpips_value: float | str = getattr(lpips_model, "reason", "LPIPS not requested")
+    else:
+        lpips_value = float(lpips_distance(lpips_model, to_unit(base_others), to_unit(unlearned_others)).mean())
+    base_features = detector.embed(to_unit(base_others))
+    new_features = detector.embed(to_unit(unlearned_others))
+    return Evaluation(
+        target_copy_similarity=similarity.tolist(),
+        target_ssim=target_ssim.tolist(),
+        forgotten=(similarity < forget_threshold).tolist(),
+        integrity_ssim=float(others_ssim.mean()),
+        integrity_psnr=float(others_psnr.mean()),
+        integrity_lpips=lpips_value,
+        feature_distance=frechet_distance(base_features, new_features),
+    )
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (FID's formula).
+
+    tr(sqrt(C_a C_b)) is computed as the sum of square roots of the eigenvalues of the PSD
+    matrix C_a^1/2 C_b C_a^1/2, which stays stable when the covariances are singular (fewer
+    samples than feature dimensions).
+    """
+    a, b = a.double(), b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float(((mean_a - mean_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * trace_root)
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoSettings:
+    seeds_per_class: int = 16
+    sample_steps: int = 20
+    target: str | None = None  # "class:seed"; None picks the most confidently wrong output
+    surrogate: str = "sdedit"  # or "repaint" (regenerate the flag's middle band)
+    strength: float = 0.6
+    remember_same_prompt: int = 24
+    remember_per_other_class: int = 4
+    integrity_seeds: int = 64
+    forget_threshold: float = 0.6
+    integrity_ssim_min: float = 0.85
+    config: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(
+        steps=150, learning_rate=1e-3, lora_rank=8, forget_batch_size=8, remember_batch_size=8, gamma=1.0, seed=0))  # fmt: skip
+
+    def __post_init__(self):
+        if self.surrogate not in ("sdedit", "repaint"):
+            raise InputError(f"surrogate={self.surrogate!r}: choose sdedit or repaint")
+        for name in ("seeds_per_class", "sample_steps", "remember_same_prompt", "integrity_seeds"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1")
+
+
+def parse_target(text: str, classes: tuple[str, ...]) -> tuple[int, int]:
+    try:
+        name, seed = text.split(":")
+        return classes.index(name), int(seed)
+    except ValueError:
+        raise InputError(f"target {text!r} must look like CLASS:SEED with CLASS one of {', '.join(classes)}") from None
+
+
+def find_undesired(labels: list[int], predicted: torch.Tensor, confidence: torch.Tensor) -> int:
+    """The output most confidently classified as another class (else the least confident one)."""
+    wrong = [i for i, label in enumerate(labels) if int(predicted[i]) != label]
+    if wrong:
+        return max(wrong, key=lambda i: float(confidence[i]))
+    return int(torch.argmin(confidence))
+
+
+def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = None,
+             callback: Callable | None = None) -> dict:  # fmt: skip
+    """The main job on the embedded flags model. Returns the report (also written to out_dir)."""
+    from . import demo_model
+
+    settings = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model, process = demo_model.load_flags_model()
+    classifier = demo_model.load_flags_classifier()
+    classes = demo_model.FLAG_CLASSES
+    cond_fn = demo_model.flags_conditioning
+    base_fingerprint = {name: tensor_hash(p) for name, p in model.state_dict().items()}
+
+    # 1. generate outputs for fixed seeds and find (or take) the undesired one
+    labels = [c for c in range(len(classes)) for _ in range(settings.seeds_per_class)]
+    seeds = [s for _ in classes for s in range(settings.seeds_per_class)]
+    if settings.target:
+        label, seed = parse_target(settings.target, classes)
+        if (label, seed) not in zip(labels, seeds, strict=True):
+            labels.append(label)
+            seeds.append(seed)
+    log.info("generating %d outputs", len(seeds))
+    outputs = generate(model, process, cond_fn, labels, seeds, settings.sample_steps)
+    predicted, confidence = demo_model.classify_flags(classifier, outputs)
+    if settings.target:
+        index = list(zip(labels, seeds, strict=True)).index((label, seed))
+    else:
+        index = find_undesired(labels, predicted, confidence)
+    target_label, target_seed = labels[index], seeds[index]
+    target = outputs[index : index + 1]
+    log.info("undesired output: prompt %s, seed %d, looks like %s (p=%.2f)", classes[target_label], target_seed,
+             classes[int(predicted[index])], float(confidence[index]))  # fmt: skip
+
+    # 2. mark it in a forget set on disk
+    provenance = {"prompt": classes[target_label], "seed": target_seed, "steps": settings.sample_steps,
+                  "classified_as": classes[int(predicted[index])], "model": "flags_sd3 (embedded demo)"}  # fmt: skip
+    record, _ = ForgetSetStore(out / "forget_sets").add("demo", to_unit(target[0]).permute(1, 2, 0), provenance=provenance)
+
+    # 3. surrogate from the same model, same prompt
+    denoiser = DiffusersDenoiser(model, process)
+    target_cond = cond_fn([target_label])
+    if settings.surrogate == "sdedit":
+        surrogate = sdedit(denoiser, process, target, target_cond, settings.strength, settings.sample_steps, seed=1)
+    else:
+        mask = torch.zeros(1, 1, *target.shape[-2:])
+        third = target.shape[-1] // 3
+        mask[..., third : 2 * third] = 1  # the middle band/emblem of a flag
+        surrogate = repaint(denoiser, process, target, mask, target_cond, settings.strength, settings.sample_steps, seed=1)
+    surrogate = surrogate.clamp(-1, 1)
+
+    # 4. remember set: other seeds of the same prompt (the paper's choice) plus a few of each other class
+    remember_labels = [target_label] * settings.remember_same_prompt
+    remember_seeds = [10_000 + s for s in range(settings.remember_same_prompt)]
+    for other in range(len(classes)):
+        if other != target_label:
+            remember_labels += [other] * settings.remember_per_other_class
+            remember_seeds += [20_000 + other * 100 + s for s in range(settings.remember_per_other_class)]
+    remember = generate(model, process, cond_fn, remember_labels, remember_seeds, settings.sample_steps)
+    data = UnlearnData(ForgetTargets(target, surrogate, target_cond), RememberSet(remember, cond_fn(remember_labels)))
+
+    # 5. train the unlearning LoRA
+    outcome = unlearn_diffusers(model, process, data, settings.config, callback=callback)
+    train_seconds = outcome.training.seconds
+    lora = outcome.lora
+    metadata = {
+        "unlearn.method": settings.config.method,
+        "unlearn.config": json.dumps(settings.config.to_dict(), sort_keys=True),
+        "unlearn.target_hashes": json.dumps([record.id]),
+        "unlearn.surrogate_hashes": json.dumps([tensor_hash(surrogate)]),
+        "unlearn.base_model": "flags_sd3 (embedded demo)",
+    }
+    lora_file = save_lora(out / "unlearn_lora.safetensors", lora, "diffusers", metadata)
+
+    # 6. preserve check: same seeds, base vs unlearned
+    integrity_pairs = [(c, 50_000 + s) for s in range(settings.integrity_seeds) for c in [s % len(classes)]]
+    integrity_labels = [c for c, _ in integrity_pairs]
+    integrity_seeds = [s for _, s in integrity_pairs]
+    after_target = generate(model, process, cond_fn, [target_label], [target_seed], settings.sample_steps, lora)
+    base_others = generate(model, process, cond_fn, integrity_labels, integrity_seeds, settings.sample_steps)
+    after_others = generate(model, process, cond_fn, integrity_labels, integrity_seeds, settings.sample_steps, lora)
+    detector = demo_model.flag_copy_detector(classifier)
+    evaluation = evaluate(target, after_target, base_others, after_others, detector, settings.forget_threshold,
+                          load_lpips())  # fmt: skip
+    after_predicted, after_confidence = demo_model.classify_flags(classifier, after_target)
+    base_intact = all(tensor_hash(p) == base_fingerprint[n] for n, p in model.state_dict().items())
+
+    checks = {
+        "forgotten": all(evaluation.forgotten),
+        "integrity": evaluation.integrity_ssim >= settings.integrity_ssim_min,
+        "base_model_untouched": base_intact,
+    }
+    report = {
+        "model": "flags_sd3 (embedded demo: SD3 transformer, rectified flow, 32x32 pixels)",
+        "target": {**provenance, "id": record.id, "confidence": float(confidence[index])},
+        "after": {"classified_as": classes[int(after_predicted[0])], "confidence": float(after_confidence[0])},
+        "surrogate": {"method": settings.surrogate, "strength": settings.strength,
+                      "ssim_to_target": float(ssim(to_unit(surrogate), to_unit(target)))},  # fmt: skip
+        "training": {"steps": settings.config.steps, "seconds": train_seconds,
+                     "final": outcome.training.final, "config": settings.config.to_dict()},  # fmt: skip
+        "evaluation": asdict(evaluation),
+        "thresholds": {"forget_copy_similarity_below": settings.forget_threshold,
+                       "integrity_ssim_at_least": settings.integrity_ssim_min},  # fmt: skip
+        "checks": checks,
+        "passed": all(checks.values()),
+        "files": {"lora": lora_file.name, "grid": "grid.png", "report_html": "report.html"},
+        "seconds": time.perf_counter() - started,
+    }
+    save_png(out / "grid.png", demo_grid(target, surrogate, after_target, base_others[:8], after_others[:8]))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.html", report_html(report, out / "grid.png"))
+    return report
+
+
+# --- pictures and the report -------------------------------------------------------------------
+
+
+def demo_grid(target, surrogate, after_target, base_others, after_others, scale: int = 4, gap: int = 2) -> torch.Tensor:
+    """Row 1: target | surrogate | after unlearning (same seed). Rows 2-3: other seeds, base vs after."""
+    blank = torch.ones_like(target[0])
+    rows = [[target[0], surrogate[0], after_target[0]] + [blank] * (len(base_others) - 3),
+            list(base_others), list(after_others)]  # fmt: skip
+    cells = [[to_unit(torch.nn.functional.interpolate(c[None], scale_factor=scale, mode="nearest")[0]) for c in row]
+             for row in rows]  # fmt: skip
+    height, width = cells[0][0].shape[1:]
+    columns = max(len(row) for row in cells)
+    grid = torch.ones(3, len(cells) * (height + gap) + gap, columns * (width + gap) + gap)
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            top, left = gap + r * (height + gap), gap + c * (width + gap)
+            grid[:, top : top + height, left : left + width] = cell
+    return grid
+
+
+def save_png(path: Path, image: torch.Tensor) -> None:
+    """(3, H, W) in [0, 1] -> PNG, atomically."""
+    pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(buffer.getvalue())
+
+
+def report_html(report: dict, grid_path: Path) -> str:
+    encoded = base64.b64encode(grid_path.read_bytes()).decode()
+    evaluation = report["evaluation"]
+    rows = [
+        ("target", f"prompt <b>{html.escape(report['target']['prompt'])}</b>, seed {report['target']['seed']}, "
+                   f"looked like {html.escape(report['target']['classified_as'])}"),
+        ("after unlearning", f"looks like {html.escape(report['after']['classified_as'])}"),
+        ("copy similarity to target", ", ".join(f"{v:.3f}" for v in evaluation["target_copy_similarity"])),
+        ("integrity SSIM / PSNR", f"{evaluation['integrity_ssim']:.4f} / {evaluation['integrity_psnr']:.2f} dB"),
+        ("integrity LPIPS", html.escape(str(evaluation["integrity_lpips"]))),
+        ("feature Fréchet distance", f"{evaluation['feature_distance']:.4f}"),
+        ("training", f"{report['training']['steps']} steps in {report['training']['seconds']:.1f} s"),
+        ("checks", ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in report["checks"].items())),
+    ]  # fmt: skip
+    table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Instance unlearning demo: {verdict}</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}th{{text-align:left;padding-right:1em}}
+img{{image-rendering:pixelated;border:1px solid #ccc}}</style></head>
+<body><h1>Instance unlearning demo: {verdict}</h1>
+<p>Row 1: the undesired output | its surrogate | the same seed after unlearning.
+Rows 2-3: other seeds before and after (they should not change).</p>
+<img src="data:image/png;base64,{encoded}" alt="before/after grid">
+<table>{table}</table></body></html>
+"""
