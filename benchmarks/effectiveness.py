@@ -11,10 +11,10 @@ with the same step budget, batch sizes and rank, and is judged on the same seeds
   outputs on 64 non-target seeds;
 - distribution: Fréchet distance between base and unlearned samples in the same feature space.
 
-Targets (the rule): flags: generate seeds 0..15 of every class and take the 6 outputs most
-confidently classified as another class (the wrong flags), topped up with the least confident
-ones; shapes: seeds 0..5. Two further targets (chosen by the same rule, next in line) form the
-learning-rate sweep set.
+Targets (the rule): flags: generate seeds 0..999 of the three confusable prompts (Ireland, Italy,
+Ivory Coast) and take the outputs most confidently classified as another flag (the wrong flags),
+topped up with the least confident ones; shapes: seeds 0..5. Two further targets (chosen by the
+same rule, next in line) form the learning-rate sweep set.
 
 Learning rate: for every method the same sweep {3e-4, 1e-3, 3e-3} on the sweep targets; the
 chosen rate is the one with the best integrity SSIM among those that forget both sweep targets,
@@ -49,12 +49,12 @@ from unlearn_core import (  # noqa: E402
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser, unlearn_diffusers  # noqa: E402
 from unlearn_core.metrics import PixelCopyDetector, load_lpips  # noqa: E402
 from unlearn_core.pipeline import evaluate, find_undesired, generate  # noqa: E402
-from unlearn_core.surrogate import flipped, noised, sdedit  # noqa: E402
+from unlearn_core.surrogate import flipped, noised, repaint, sdedit  # noqa: E402
 
 log = logging.getLogger("effectiveness")
 
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
-FORGET_THRESHOLD = {"flags": 0.6, "shapes": 0.6}
+FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6}  # flags: see DemoSettings.forget_threshold
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,10 @@ class FlagsSetup(Setup):
         return demo_model.flags_conditioning(labels)
 
     def candidates(self, count):
-        labels = [c for c in range(len(self.classes)) for _ in range(16)]
-        seeds = [s for _ in self.classes for s in range(16)]
+        """Wrong flags: seeds 0..999 of the three confusable prompts, most confidently wrong first."""
+        trio = [self.classes.index(name) for name in ("ireland", "italy", "ivory_coast")]
+        labels = [c for c in trio for _ in range(1000)]
+        seeds = [s for _ in trio for s in range(1000)]
         images = self.generate(list(zip(labels, seeds, strict=True)))
         predicted, confidence = demo_model.classify_flags(self.classifier, images)
         chosen = []
@@ -116,6 +118,7 @@ class FlagsSetup(Setup):
             index = remaining[find_undesired([labels[i] for i in remaining], predicted[remaining], confidence[remaining])]
             chosen.append(index)
             remaining.remove(index)
+        log.info("flags: %d of %d scanned outputs are wrong flags", int((predicted != torch.tensor(labels)).sum()), len(labels))
         return [(labels[i], seeds[i]) for i in chosen]
 
     def remember_pairs(self, target_label):
@@ -150,11 +153,18 @@ class ShapesSetup(Setup):
 
 
 def build_surrogate(setup, kind, target, label):
+    """The edit surrogate is the demo's: flags repaint their outer bands under the prompt (SDEdit
+    keeps a wrong tricolour's colours even at strength 0.9); shapes use SDEdit at 0.6."""
     if kind == "flip":
         return flipped(target)
     if kind == "noise":
         return noised(target, 0.1, seed=1).clamp(-1, 1)
     denoiser = DiffusersDenoiser(setup.model, setup.process)
+    if setup.name == "flags":
+        mask = torch.ones(1, 1, *target.shape[-2:])
+        third = target.shape[-1] // 3
+        mask[..., third : target.shape[-1] - third] = 0
+        return repaint(denoiser, setup.process, target, mask, setup.cond([label]), 1.0, setup.steps_sample, seed=1).clamp(-1, 1)
     return sdedit(denoiser, setup.process, target, setup.cond([label]), 0.6, setup.steps_sample, seed=1,
                   clip=setup.clip).clamp(-1, 1)  # fmt: skip
 
@@ -234,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=["flags", "shapes"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--targets", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=150, help="equal step budget for every method")
+    parser.add_argument("--steps", type=int, default=100, help="equal step budget for every method")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 sweep target, 40 steps (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("out/benchmarks/effectiveness.json"))

@@ -30,8 +30,8 @@ class _ProgressBar:
 
     def __call__(self, step: int, total: int, metrics: dict) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.description, unit="step", file=sys.stderr)
-        self.bar.set_postfix(forget=f"{metrics['forget_loss']:.4f}", remember=f"{metrics['remember_loss']:.4f}")
+            self.bar = tqdm(total=total, desc=self.description, unit="step", file=sys.stderr, mininterval=1.0)
+        self.bar.set_postfix(forget=f"{metrics['forget_loss']:.4f}", remember=f"{metrics['remember_loss']:.4f}", refresh=False)
         self.bar.update(step - self.bar.n)
         if step == total:
             self.bar.close()
@@ -48,7 +48,7 @@ def _demo(args) -> int:
           f"(looked like {report['target']['classified_as']}); after: looks like {report['after']['classified_as']}")
     print(f"forgetting: copy similarity {evaluation['target_copy_similarity'][0]:.3f} "
           f"(forgotten below {report['thresholds']['forget_copy_similarity_below']})")
-    print(f"integrity on {len(report['evaluation'].get('details', {})) or 'other'} seeds: SSIM "
+    print(f"integrity on {report['integrity_seeds']} other seeds: SSIM "
           f"{evaluation['integrity_ssim']:.4f}, PSNR {evaluation['integrity_psnr']:.2f} dB, LPIPS {evaluation['integrity_lpips']}")
     print(f"training: {report['training']['steps']} steps in {report['training']['seconds']:.1f} s")
     for name, passed in report["checks"].items():
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="the whole job on the embedded flags model, offline")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--target", help="CLASS:SEED to unlearn (default: the most confidently wrong flag)")
-    demo.add_argument("--surrogate", choices=["sdedit", "repaint"], default="sdedit")
-    demo.add_argument("--strength", type=float, default=0.6, help="surrogate edit strength")
+    demo.add_argument("--surrogate", choices=["repaint", "sdedit"], default="repaint",
+                      help="repaint the outer bands (default) or SDEdit the whole flag")
+    demo.add_argument("--strength", type=float, default=1.0, help="surrogate edit strength (0.3-0.7 for sdedit)")
     demo.add_argument("--steps", type=int, help="training steps (default from the demo settings)")
     demo.set_defaults(handler=_demo)
     run = commands.add_parser("run", help="unlearn on your own diffusers model, described by a JSON job file")
