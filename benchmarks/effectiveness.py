@@ -11,16 +11,17 @@ with the same step budget, batch sizes and rank, and is judged on the same seeds
   outputs on 64 non-target seeds;
 - distribution: Fréchet distance between base and unlearned samples in the same feature space.
 
-Targets (the rule): flags: generate seeds 0..999 of the three confusable prompts (Ireland, Italy,
+Targets (the rule): flags: generate seeds 0..799 of the three confusable prompts (Ireland, Italy,
 Ivory Coast) and take the outputs most confidently classified as another flag (the wrong flags),
-topped up with the least confident ones; shapes: seeds 0..5. Two further targets (chosen by the
-same rule, next in line) form the learning-rate sweep set.
+topped up with the least confident ones; shapes: seeds 0..5. The next target by the same rule
+(``--sweep-targets`` of them, default 1) is the learning-rate sweep set.
 
-Learning rate: for every method the same sweep {3e-4, 1e-3, 3e-3} on the sweep targets; the
-chosen rate is the one with the best integrity SSIM among those that forget both sweep targets,
-or, if none does, the one with the lowest mean copy similarity.
+Learning rate: ours and every baseline get the same sweep {3e-4, 1e-3, 3e-3} on the sweep
+targets; the chosen rate is the one with the best integrity SSIM among those that forget every
+sweep target, or, if none does, the one with the lowest mean copy similarity. Ablations use
+ours' chosen rate, so each differs from ours in exactly one thing.
 
-    python benchmarks/effectiveness.py                 # both models, all methods (~30-40 min on 2 cores)
+    python benchmarks/effectiveness.py                 # both models, all methods (about 45 min on 2 cores)
     python benchmarks/effectiveness.py --models flags --methods ours neggrad --quick
 """
 
@@ -65,6 +66,7 @@ class Method:
     overrides: tuple = ()
 
 
+ABLATIONS = ("no_projection", "pcgrad_both", "constant_lambda", "flip_surrogate", "noise_surrogate")
 METHODS = {
     "ours": Method("ours"),
     "neggrad": Method("NegGrad", objective="neggrad", surrogate="none"),
@@ -106,7 +108,7 @@ class FlagsSetup(Setup):
         return demo_model.flags_conditioning(labels)
 
     def candidates(self, count):
-        """Wrong flags: seeds 0..999 of the three confusable prompts, most confidently wrong first."""
+        """Wrong flags: seeds 0..799 of the three confusable prompts, most confidently wrong first."""
         trio = [self.classes.index(name) for name in ("ireland", "italy", "ivory_coast")]
         labels = [c for c in trio for _ in range(1000)]
         seeds = [s for _ in trio for s in range(1000)]
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=["flags", "shapes"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--targets", type=int, default=6)
+    parser.add_argument("--sweep-targets", type=int, default=1, help="targets of the learning-rate sweep")
     parser.add_argument("--steps", type=int, default=100, help="equal step budget for every method")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 sweep target, 40 steps (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal LoRA values slow CPU kernels many-fold
-    n_targets, n_sweep, steps = (2, 1, 40) if args.quick else (args.targets, 2, args.steps)
+    n_targets, n_sweep, steps = (2, 1, 40) if args.quick else (args.targets, args.sweep_targets, args.steps)
     base = UnlearnConfig(steps=steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, gamma=1.0, seed=0)
     lpips_model = load_lpips()
     results = {"date": time.strftime("%Y-%m-%d"), "steps": steps, "learning_rates": LEARNING_RATES,
@@ -266,7 +269,10 @@ def main(argv=None) -> int:
         table = {}
         for key in args.methods:
             method = METHODS[key]
-            lr, trials = choose_learning_rate(setup, method, base, sweep, cache, lpips_model)
+            if key in ABLATIONS and "ours" in table:
+                lr, trials = table["ours"]["learning_rate"], "ours' rate"
+            else:
+                lr, trials = choose_learning_rate(setup, method, base, sweep, cache, lpips_model)
             runs = [unlearn_one(setup, method, base, lr, t, cache, lpips_model) for t in targets]
             table[key] = {"name": method.name, "learning_rate": lr, "sweep": trials, "summary": summarise(runs), "runs": runs}
             log.info("%s %s lr=%g %s", model_name, method.name, lr, table[key]["summary"])

@@ -91,7 +91,7 @@ class BuildSurrogate(io.ComfyNode):
             if edited_image is None or len(edited_image) != len(targets):
                 count = 0 if edited_image is None else len(edited_image)
                 raise InputError(f"method=edited_image needs one edited image per target ({len(targets)}), got {count}")
-        if method == "inpaint" and any(t.mask is None for t in targets):
+        if method == "inpaint" and any(t.mask is None for t in targets.targets):
             raise InputError("method=inpaint needs a mask on every target: connect a mask to Mark Undesired Output")
         host.model_family(model)
         built, previews, lines = [], [], []

@@ -200,3 +200,17 @@ def test_bad_inputs_name_the_fix_and_write_nothing(comfy, loaded, node, marked, 
     with pytest.raises(InputError, match="not supported"):
         run(node["train"], model=unsupported, targets=with_surrogates[0], lora_name="tests/x", **TRAIN)
     assert sorted(loras.rglob("*")) == files_before
+
+
+def test_inpaint_surrogate_changes_the_masked_region(comfy, loaded, node):
+    latent, images = generate(comfy["nodes"], loaded["model"], loaded["vae"], loaded["conditioning"], seed=21)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 32:] = 1  # the right half is undesired
+    targets, _ = run(node["mark"], forget_set="inpaint", indices="0", images=images, latent=latent, mask=mask,
+                     conditioning=loaded["conditioning"])  # fmt: skip
+    assert targets.targets[0].mask is not None
+    result, preview, text = run(node["surrogate"], model=loaded["model"], vae=loaded["vae"], targets=targets,
+                                **dict(SURROGATE, method="inpaint", strength=1.0))  # fmt: skip
+    target = result.targets[0]
+    change = (target.surrogate_latent - target.latent).abs()
+    assert change[:, :, 4:].mean() > 10 * change[:, :, :4].mean(), "inpainting changed the kept half as much as the mask"
