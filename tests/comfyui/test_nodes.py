@@ -214,3 +214,16 @@ def test_inpaint_surrogate_changes_the_masked_region(comfy, loaded, node):
     target = result.targets[0]
     change = (target.surrogate_latent - target.latent).abs()
     assert change[:, :, 4:].mean() > 10 * change[:, :, :4].mean(), "inpainting changed the kept half as much as the mask"
+
+
+def test_gradient_checkpointing_trains_the_same_lora_and_restores_the_blocks(loaded, node, with_surrogates):
+    base = loaded["model"]
+    before = snapshot(base)
+    blocks = list(base.model.diffusion_model.joint_blocks)
+    plain = run(node["train"], model=base, targets=with_surrogates[0], lora_name="", **dict(TRAIN, steps=2))[1]
+    checkpointed = run(node["train"], model=base, targets=with_surrogates[0], lora_name="",
+                       **dict(TRAIN, steps=2, gradient_checkpointing=True))[1]  # fmt: skip
+    for key, value in plain.items():
+        assert torch.allclose(value, checkpointed[key], atol=1e-5), key
+    assert all("forward" not in vars(block) for block in blocks), "a checkpointed forward was left on the model"
+    assert_same_weights(base, before)
