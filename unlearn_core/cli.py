@@ -48,8 +48,10 @@ def _demo(args) -> int:
           f"(looked like {report['target']['classified_as']}); after: looks like {report['after']['classified_as']}")
     print(f"forgetting: copy similarity {evaluation['target_copy_similarity'][0]:.3f} "
           f"(forgotten below {report['thresholds']['forget_copy_similarity_below']})")
+    lpips = evaluation["integrity_lpips"]
+    lpips_text = f"LPIPS {lpips:.4f}" if isinstance(lpips, float) else lpips
     print(f"integrity on {report['integrity_seeds']} other seeds: SSIM "
-          f"{evaluation['integrity_ssim']:.4f}, PSNR {evaluation['integrity_psnr']:.2f} dB, LPIPS {evaluation['integrity_lpips']}")
+          f"{evaluation['integrity_ssim']:.4f}, PSNR {evaluation['integrity_psnr']:.2f} dB; {lpips_text}")
     print(f"training: {report['training']['steps']} steps in {report['training']['seconds']:.1f} s")
     for name, passed in report["checks"].items():
         print(f"  {name}: {'pass' if passed else 'FAIL'}")
