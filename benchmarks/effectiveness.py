@@ -163,9 +163,7 @@ def build_surrogate(setup, kind, target, label):
         return noised(target, 0.1, seed=1).clamp(-1, 1)
     denoiser = DiffusersDenoiser(setup.model, setup.process)
     if setup.name == "flags":
-        mask = torch.ones(1, 1, *target.shape[-2:])
-        third = target.shape[-1] // 3
-        mask[..., third : target.shape[-1] - third] = 0
+        mask = demo_model.outer_bands_mask(*target.shape[-2:])
         return repaint(denoiser, setup.process, target, mask, setup.cond([label]), 1.0, setup.steps_sample, seed=1).clamp(-1, 1)
     return sdedit(denoiser, setup.process, target, setup.cond([label]), 0.6, setup.steps_sample, seed=1,
                   clip=setup.clip).clamp(-1, 1)  # fmt: skip

@@ -352,6 +352,15 @@ def load_flags_classifier(folder: str | Path | None = None) -> FlagClassifier:
     return model
 
 
+def outer_bands_mask(height: int = FLAG_SIZE, width: int = FLAG_SIZE) -> torch.Tensor:
+    """(1, 1, H, W) repaint mask a user would paint on a wrong tricolour: 1 on the outer bands,
+    where the confusable flags differ; 0 on the white middle band, the structure that is kept."""
+    mask = torch.ones(1, 1, height, width)
+    third = width // 3
+    mask[..., third : width - third] = 0
+    return mask
+
+
 class _FlagFeatures(torch.nn.Module):
     def __init__(self, classifier: FlagClassifier):
         super().__init__()

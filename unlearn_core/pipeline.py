@@ -210,11 +210,7 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     if settings.surrogate == "sdedit":
         surrogate = sdedit(denoiser, process, target, target_cond, settings.strength, settings.sample_steps, seed=1)
     else:
-        # what a user would paint on a wrong tricolour: the outer bands, where the confusable
-        # flags differ; the white middle band (the structure) is kept
-        mask = torch.ones(1, 1, *target.shape[-2:])
-        third = target.shape[-1] // 3
-        mask[..., third : target.shape[-1] - third] = 0
+        mask = demo_model.outer_bands_mask(*target.shape[-2:])
         surrogate = repaint(denoiser, process, target, mask, target_cond, settings.strength, settings.sample_steps, seed=1)
     surrogate = surrogate.clamp(-1, 1)
 
