@@ -1,9 +1,13 @@
 """Time per unlearning step vs one plain LoRA step on the same model, batch and rank.
 
-Ours does a forget pass and a remember pass (two forward + two backward passes on half
-batches) plus the gradient projection; the plain step trains the same LoRA on the whole batch
-in one pass. Both are timed in one process, interleaved, after warm-up, so the ratio is fair on
-a noisy machine. Prints a markdown table and writes JSON.
+Ours takes the forget and the remember gradient from one forward + one backward pass over the
+joined batch (per-half LoRA gradients, :mod:`unlearn_core.split_gradients`), then projects and
+steps; the plain step trains the same LoRA on the whole batch in one pass. For reference the
+two-pass form (a forward + backward per half, what a host without the split runs) is timed too.
+All are timed in one process, interleaved, after warm-up, so the ratios are fair on a noisy
+machine. Memory: the bytes autograd keeps for the backward pass of one step (activations, model
+weights excluded), which is what grows with batch and resolution; the process's peak RSS covers
+all of them together. Prints a markdown table and writes JSON.
 
     python benchmarks/speed.py                   # tiny SD3 transformer + the flags demo model
     python benchmarks/speed.py --models tiny-sd3 --steps 30
@@ -12,6 +16,7 @@ a noisy machine. Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -24,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData  # noqa: E402
-from unlearn_core.backends.diffusers_backend import DiffusersDenoiser, lora_attached  # noqa: E402
+from unlearn_core.backends.diffusers_backend import lora_attached  # noqa: E402
 from unlearn_core.denoiser import concat, select  # noqa: E402
 from unlearn_core.objectives import denoising_loss  # noqa: E402
 from unlearn_core.process import RectifiedFlow  # noqa: E402
@@ -79,33 +84,61 @@ def plain_lora_step(denoiser, process, data, optimizer, params, batch, generator
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def saved_for_backward(model: torch.nn.Module):
+    """{storage: bytes} of every tensor autograd saves inside the block, model weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield storages
+
+
 def measure(name: str, steps: int, batch: int, rank: int, repeats: int) -> dict:
     model, process, data = SETUPS[name](batch)
     config = UnlearnConfig(steps=steps, lora_rank=rank, forget_batch_size=batch // 2,
                            remember_batch_size=batch - batch // 2, learning_rate=1e-4)  # fmt: skip
-    ours, plain = [], []
+    ours, two_pass, plain = [], [], []
     with lora_attached(model, rank=rank, seed=0) as lora:
+        denoiser, unsplit = lora.denoiser(process), lora.denoiser(process, split=False)
         params = lora.parameters()
-        denoiser = DiffusersDenoiser(model, process, parameters=params)
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         generator = torch.Generator().manual_seed(0)
-        for _ in range(3):  # warm-up both paths
+        warm_up = UnlearnConfig(**{**config.to_dict(), "steps": 3})
+        for _ in range(3):
             plain_lora_step(denoiser, process, data, optimizer, params, batch, generator)
-        train_unlearning(denoiser, process, data, UnlearnConfig(**{**config.to_dict(), "steps": 3}))
-        for _ in range(repeats):  # interleave so drift in machine load hits both alike
+        train_unlearning(denoiser, process, data, warm_up)
+        train_unlearning(unsplit, process, data, warm_up)
+        with saved_for_backward(model) as plain_saved:
+            plain_lora_step(denoiser, process, data, optimizer, params, batch, generator)
+        with saved_for_backward(model) as ours_saved:
+            train_unlearning(denoiser, process, data, UnlearnConfig(**{**config.to_dict(), "steps": 1}))
+        for _ in range(repeats):  # interleave so drift in machine load hits all alike
             started = time.perf_counter()
             for _ in range(steps):
                 plain_lora_step(denoiser, process, data, optimizer, params, batch, generator)
             plain.append((time.perf_counter() - started) / steps)
-            result = train_unlearning(denoiser, process, data, config)
-            ours.append(result.seconds / steps)
+            ours.append(train_unlearning(denoiser, process, data, config).seconds / steps)
+            two_pass.append(train_unlearning(unsplit, process, data, config).seconds / steps)
     return {
         "model": name,
         "batch": batch,
         "rank": rank,
         "plain_step_s": statistics.median(plain),
         "unlearn_step_s": statistics.median(ours),
+        "two_pass_step_s": statistics.median(two_pass),
         "ratio": statistics.median(ours) / statistics.median(plain),
+        "two_pass_ratio": statistics.median(two_pass) / statistics.median(plain),
+        # Per-repeat ratios show how much the machine's load moved the median.
+        "ratios": [o / p for o, p in zip(ours, plain, strict=True)],
+        "plain_saved_mb": sum(plain_saved.values()) / 2**20,
+        "unlearn_saved_mb": sum(ours_saved.values()) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -123,11 +156,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal LoRA values slow CPU kernels many times over
     rows = [measure(name, args.steps, args.batch, args.rank, args.repeats) for name in args.models]
-    print("| model | batch | rank | plain LoRA step (ms) | unlearning step (ms) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | rank | plain LoRA step (ms) | unlearning step (ms) | ratio | two-pass step (ms) | ratio "
+          "| saved for backward, plain / ours (MB) | peak RSS (MB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['model']} | {row['batch']} | {row['rank']} | {1000 * row['plain_step_s']:.1f} | "
-              f"{1000 * row['unlearn_step_s']:.1f} | {row['ratio']:.3f} |")  # fmt: skip
+              f"{1000 * row['unlearn_step_s']:.1f} | {row['ratio']:.3f} | {1000 * row['two_pass_step_s']:.1f} | "
+              f"{row['two_pass_ratio']:.3f} | {row['plain_saved_mb']:.1f} / {row['unlearn_saved_mb']:.1f} | "
+              f"{row['peak_rss_mb']:.0f} |")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=2))
     return 0

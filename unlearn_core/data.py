@@ -7,7 +7,6 @@ tensors aligned with them (see :mod:`unlearn_core.denoiser`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +15,6 @@ from .denoiser import Conditioning, batch_size
 from .errors import InputError
 
 __all__ = ["ForgetTargets", "RememberSet", "UnlearnData"]
-
-log = logging.getLogger(__name__)
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -59,13 +56,11 @@ class ForgetTargets:
         _check_finite("a forget target", self.targets)
         _check_finite("a surrogate", self.surrogates)
         _check_cond("the forget set", self.cond, len(self.targets))
+
+    def unchanged(self) -> list[int]:
+        """Indices whose surrogate equals its target (the surrogate loss has nothing to teach there)."""
         difference = (self.targets - self.surrogates).flatten(1).abs().amax(dim=1)
-        for index in torch.nonzero(difference == 0).flatten().tolist():
-            log.warning(
-                "surrogate %d is identical to its target: nothing to learn from it; "
-                "raise the surrogate strength or edit the image",
-                index,
-            )
+        return torch.nonzero(difference == 0).flatten().tolist()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -106,5 +101,5 @@ class UnlearnData:
         if set(self.forget.cond) != set(self.remember.cond):
             raise InputError(
                 "forget and remember sets carry different conditioning kinds "
-                f"({sorted(self.forget.cond)} vs {sorted(self.remember.cond)})"
+                f"({sorted(self.forget.cond)} vs {sorted(self.remember.cond)}); give both the same conditioning tensors"
             )

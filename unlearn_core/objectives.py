@@ -1,9 +1,10 @@
 r"""The unlearning objectives: ours (surrogate forget loss) and the baselines of METHOD.md section 9.
 
-Each objective splits one training step into a *forget pass* and a *remember pass* (two forward
-and two backward passes, never a retained graph) and then says how to combine the two gradients.
-All losses are computed in the host-agnostic x0 form (:func:`unlearn_core.process.x0_space_loss`),
-which equals the native epsilon/velocity MSE.
+Each objective describes one training step as a *forget half* and a *remember half* (the noisy
+inputs of each and how to score the model's prediction on them, :class:`HalfBatch`) and says how
+to combine the two gradients; the trainer decides how to run the halves (see
+:mod:`unlearn_core.trainer`). All losses are computed in the host-agnostic x0 form
+(:func:`unlearn_core.process.x0_space_loss`), which equals the native epsilon/velocity MSE.
 
 Ours (METHOD.md sections 3-5), per sample with noise fraction t and :math:`\lambda(t)`:
 
@@ -16,6 +17,7 @@ and :math:`g = \mathrm{surgery}(g_f, g_r)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,7 @@ from .weighting import TimestepWeighting
 
 __all__ = [
     "StepPlan",
+    "HalfBatch",
     "Objective",
     "SurrogateUnlearning",
     "NegGrad",
@@ -71,8 +74,36 @@ class StepPlan:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+Score = Callable[[torch.Tensor], tuple[torch.Tensor, float]]
+
+
+@dataclass
+class HalfBatch:
+    """One half of a step: noisy inputs at noise fractions ``t`` under ``cond``, and ``score``,
+    which maps the model's x0 prediction for them to (loss to differentiate, error to report)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    cond: Conditioning
+    score: Score
+
+    def loss(self, denoiser: Denoiser) -> tuple[torch.Tensor, float]:
+        return self.score(denoiser.predict_x0(self.x_t, self.t, self.cond))
+
+
+def _weighted(losses_of: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor | None = None, sign: float = 1.0) -> Score:
+    """A score from per-sample losses: sign * mean(weights * losses), reporting mean(losses)."""
+
+    def score(x0_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
+        losses = losses_of(x0_hat)
+        weighted = losses if weights is None else weights.to(losses) * losses
+        return sign * weighted.mean(), float(losses.detach().mean())
+
+    return score
+
+
 class Objective:
-    """One unlearning method: how to draw a step, the two passes, and the gradient combination."""
+    """One unlearning method: how to draw a step, its two halves, and the gradient combination."""
 
     name = "objective"
 
@@ -105,27 +136,21 @@ class Objective:
             plan.forget_t.to(device),
         )
 
-    def _remember_losses(self, denoiser: Denoiser, data: UnlearnData, plan: StepPlan) -> torch.Tensor:
+    def _remember_half(self, data: UnlearnData, plan: StepPlan, weights: torch.Tensor | None = None) -> HalfBatch:
         device = data.remember.samples.device
         index = plan.remember_index.to(device)
         samples = data.remember.samples[index]
-        return denoising_loss(
-            denoiser,
-            self.process,
-            samples,
-            samples,
-            select(data.remember.cond, index),
-            plan.remember_noise.to(device, samples.dtype),
-            plan.remember_t.to(device),
-        )
+        t = plan.remember_t.to(device)
+        x_t = self.process.add_noise(samples, plan.remember_noise.to(device, samples.dtype), t)
+        weight = self.process.x0_loss_weight(t)
+        return HalfBatch(x_t, t, select(data.remember.cond, index),
+                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, samples, weight), weights))  # fmt: skip
 
-    def forget_loss(self, denoiser: Denoiser, data: UnlearnData, plan: StepPlan) -> tuple[torch.Tensor, float]:
-        """(loss to differentiate, unweighted forget error for reporting)."""
+    def forget_half(self, data: UnlearnData, plan: StepPlan) -> HalfBatch:
         raise NotImplementedError
 
-    def remember_loss(self, denoiser: Denoiser, data: UnlearnData, plan: StepPlan) -> tuple[torch.Tensor, float]:
-        losses = self._remember_losses(denoiser, data, plan)
-        return losses.mean(), float(losses.detach().mean())
+    def remember_half(self, data: UnlearnData, plan: StepPlan) -> HalfBatch:
+        return self._remember_half(data, plan)
 
     def combine(self, forget: torch.Tensor, remember: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The update from the flat forget and remember gradients (plus stats for reporting)."""
@@ -142,16 +167,14 @@ class SurrogateUnlearning(Objective):
         self.weighting = weighting
         self.surgery = surgery
 
-    def forget_loss(self, denoiser, data, plan):
+    def forget_half(self, data, plan):
         targets, surrogates, cond, noise, t = self._forget_batch(data, plan)
-        losses = denoising_loss(denoiser, self.process, targets, surrogates, cond, noise, t)
-        weights = self.weighting(plan.forget_t).to(losses)
-        return (weights * losses).mean(), float(losses.detach().mean())
+        weight = self.process.x0_loss_weight(t)
+        return HalfBatch(self.process.add_noise(targets, noise, t), t, cond,
+                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, surrogates, weight), self.weighting(plan.forget_t)))  # fmt: skip
 
-    def remember_loss(self, denoiser, data, plan):
-        losses = self._remember_losses(denoiser, data, plan)
-        weights = 1 - self.weighting(plan.remember_t).to(losses)
-        return (weights * losses).mean(), float(losses.detach().mean())
+    def remember_half(self, data, plan):
+        return self._remember_half(data, plan, 1 - self.weighting(plan.remember_t))
 
     def combine(self, forget, remember):
         return combine_gradients(forget, remember, self.surgery)
@@ -162,10 +185,11 @@ class NegGrad(Objective):
 
     name = "neggrad"
 
-    def forget_loss(self, denoiser, data, plan):
+    def forget_half(self, data, plan):
         targets, _, cond, noise, t = self._forget_batch(data, plan)
-        losses = denoising_loss(denoiser, self.process, targets, targets, cond, noise, t)
-        return -losses.mean(), float(losses.detach().mean())
+        weight = self.process.x0_loss_weight(t)
+        return HalfBatch(self.process.add_noise(targets, noise, t), t, cond,
+                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, targets, weight), sign=-1.0))  # fmt: skip
 
 
 class EraseDiff(Objective):
@@ -183,16 +207,15 @@ class EraseDiff(Objective):
         plan.extra["unrelated_noise"] = torch.randn(plan.forget_noise.shape, generator=generator)
         return plan
 
-    def forget_loss(self, denoiser, data, plan):
+    def forget_half(self, data, plan):
         targets, _, cond, noise, t = self._forget_batch(data, plan)
         x_t = self.process.add_noise(targets, noise, t)
         unrelated = plan.extra["unrelated_noise"].to(x_t)
         # x0 whose native target (eps, or v) is the unrelated noise: predicting it maps the
         # forget sample to noise.
         erase_target = self.process.predict_x0(x_t, unrelated, t)
-        x0_hat = denoiser.predict_x0(x_t, t, cond)
-        losses = x0_space_loss(x0_hat, erase_target, self.process.x0_loss_weight(t))
-        return losses.mean(), float(losses.detach().mean())
+        weight = self.process.x0_loss_weight(t)
+        return HalfBatch(x_t, t, cond, _weighted(lambda x0_hat: x0_space_loss(x0_hat, erase_target, weight)))
 
     def combine(self, forget, remember):
         norm_sq = dot(forget, forget)
@@ -243,17 +266,17 @@ class SISS(Objective):
         log_mix = torch.logaddexp(log_keep, log_forget) - torch.log(torch.tensor(2.0))
         return x_t, t, keep, forget, (log_keep - log_mix).exp(), (log_forget - log_mix).exp()
 
-    def forget_loss(self, denoiser, data, plan):
+    def forget_half(self, data, plan):
         x_t, t, _, forget, _, forget_weight = self._mixture(data, plan)
-        cond = select(data.forget.cond, plan.forget_index)
-        losses = x0_space_loss(denoiser.predict_x0(x_t, t, cond), forget, self.process.x0_loss_weight(t))
-        return (forget_weight * losses).mean(), float(losses.detach().mean())
+        weight = self.process.x0_loss_weight(t)
+        return HalfBatch(x_t, t, select(data.forget.cond, plan.forget_index),
+                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, forget, weight), forget_weight))  # fmt: skip
 
-    def remember_loss(self, denoiser, data, plan):
+    def remember_half(self, data, plan):
         x_t, t, keep, _, keep_weight, _ = self._mixture(data, plan)
-        cond = select(data.remember.cond, plan.remember_index)
-        losses = x0_space_loss(denoiser.predict_x0(x_t, t, cond), keep, self.process.x0_loss_weight(t))
-        return (keep_weight * losses).mean(), float(losses.detach().mean())
+        weight = self.process.x0_loss_weight(t)
+        return HalfBatch(x_t, t, select(data.remember.cond, plan.remember_index),
+                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, keep, weight), keep_weight))  # fmt: skip
 
     def combine(self, forget, remember):
         forget_norm = dot(forget, forget) ** 0.5

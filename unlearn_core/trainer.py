@@ -1,10 +1,13 @@
-"""The unlearning loop: two passes, gradient combination, guards, progress and stop.
+"""The unlearning loop: forget and remember gradients, their combination, guards, progress, stop.
 
 One step (METHOD.md section 5):
 
 1. draw the step's indices, noise levels and noise (one generator, so a seed fixes the run);
-2. forget pass: forward + backward -> g_f;  remember pass: forward + backward -> g_r
-   (separate half-batches, so the work equals one ordinary step on the whole batch);
+2. g_f and g_r, the gradients of the forget half's and the remember half's loss. When the
+   denoiser offers a ``gradient_split`` (:mod:`unlearn_core.split_gradients`; the diffusers LoRA
+   does), both come from one forward and one backward pass over the joined batch; otherwise
+   from a forward + backward pass per half. Either way the work equals one ordinary training
+   step on the whole batch, but the single pass pays the network's fixed per-call cost once;
 3. g = objective.combine(g_f, g_r) (gradient surgery for ours), clip, optimizer step.
 
 The trainer only sees a :class:`~unlearn_core.denoiser.Denoiser`; attaching and removing LoRA
@@ -30,10 +33,11 @@ import torch
 
 from .config import UnlearnConfig
 from .data import UnlearnData
-from .denoiser import Denoiser
+from .denoiser import Denoiser, concat
 from .errors import InputError, TrainingDiverged, TrainingStopped
-from .objectives import SISS, EraseDiff, NegGrad, Objective, SurrogateUnlearning
+from .objectives import SISS, EraseDiff, HalfBatch, NegGrad, Objective, SurrogateUnlearning
 from .process import ForwardProcess
+from .split_gradients import LayerGradientSplit
 
 __all__ = ["train_unlearning", "make_objective", "TrainResult", "Callback"]
 
@@ -76,6 +80,64 @@ def _flat_gradient(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torc
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params, strict=True)])
 
 
+def _joinable(first: HalfBatch, second: HalfBatch) -> bool:
+    """Whether the two halves can run as one batch (same sample shape and conditioning layout)."""
+    if first.x_t.shape[1:] != second.x_t.shape[1:] or first.x_t.dtype != second.x_t.dtype:
+        return False
+    if set(first.cond) != set(second.cond):
+        return False
+    return all(first.cond[k].shape[1:] == second.cond[k].shape[1:] for k in first.cond)
+
+
+@dataclass
+class _Gradients:
+    forget_loss: torch.Tensor
+    forget_error: float
+    forget: torch.Tensor
+    remember_loss: torch.Tensor
+    remember_error: float
+    remember: torch.Tensor
+
+
+def _gradients(
+    denoiser: Denoiser,
+    split: LayerGradientSplit | None,
+    forget: HalfBatch,
+    remember: HalfBatch,
+    params: list[torch.nn.Parameter],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    step: int,
+) -> _Gradients:
+    if split is not None and _joinable(forget, remember):
+        k, total = len(forget.x_t), len(forget.x_t) + len(remember.x_t)
+        with autocast(), split.recording(k, total) as halves:
+            x0_hat = denoiser.predict_x0(
+                torch.cat([forget.x_t, remember.x_t]), torch.cat([forget.t, remember.t]),
+                concat([forget.cond, remember.cond]),
+            )  # fmt: skip
+            forget_loss, forget_error = forget.score(x0_hat[:k])
+            remember_loss, remember_error = remember.score(x0_hat[k:])
+        _check_finite(step, forget_loss, remember_loss)
+        forget_grad, remember_grad = split.gradients(forget_loss + remember_loss, halves)
+        return _Gradients(forget_loss, forget_error, forget_grad, remember_loss, remember_error, remember_grad)
+    with autocast():
+        forget_loss, forget_error = forget.loss(denoiser)
+    _check_finite(step, forget_loss)
+    forget_grad = _flat_gradient(forget_loss, params)
+    with autocast():
+        remember_loss, remember_error = remember.loss(denoiser)
+    _check_finite(step, forget_loss, remember_loss)
+    remember_grad = _flat_gradient(remember_loss, params)
+    return _Gradients(forget_loss, forget_error, forget_grad, remember_loss, remember_error, remember_grad)
+
+
+def _check_finite(step: int, forget_loss: torch.Tensor, remember_loss: torch.Tensor | None = None) -> None:
+    if not torch.isfinite(forget_loss):
+        raise TrainingDiverged(step, "forget loss")
+    if remember_loss is not None and not torch.isfinite(remember_loss):
+        raise TrainingDiverged(step, "remember loss")
+
+
 def train_unlearning(
     denoiser: Denoiser,
     process: ForwardProcess,
@@ -95,7 +157,14 @@ def train_unlearning(
         raise InputError("the model has no trainable parameters: attach a LoRA (or use adapter='full') first")
     device = params[0].device
     sizes = [p.numel() for p in params]
+    split = getattr(denoiser, "gradient_split", None)
+    if split is not None and [id(p) for p in split.parameters()] != [id(p) for p in params]:
+        raise ValueError("the denoiser's gradient_split covers other parameters than its trainable_parameters()")
     objective = make_objective(config, process)
+    if config.method == "surrogate":  # the baselines do not use surrogates
+        for index in data.forget.unchanged():
+            log.warning("surrogate %d is identical to its target: nothing to learn from it; "
+                        "raise the surrogate strength or edit the image", index)  # fmt: skip
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
@@ -106,17 +175,11 @@ def train_unlearning(
             if should_stop is not None and should_stop():
                 raise TrainingStopped(f"stopped by the user before step {step} of {config.steps}; nothing was saved")
             plan = objective.plan(data, generator)
-            with _autocast(config, device):
-                forget_loss, forget_error = objective.forget_loss(denoiser, data, plan)
-            if not torch.isfinite(forget_loss):
-                raise TrainingDiverged(step, "forget loss")
-            forget_grad = _flat_gradient(forget_loss, params)
-            with _autocast(config, device):
-                remember_loss, remember_error = objective.remember_loss(denoiser, data, plan)
-            if not torch.isfinite(remember_loss):
-                raise TrainingDiverged(step, "remember loss")
-            remember_grad = _flat_gradient(remember_loss, params)
-            update, stats = objective.combine(forget_grad, remember_grad)
+            grads = _gradients(
+                denoiser, split, objective.forget_half(data, plan), objective.remember_half(data, plan), params,
+                lambda: _autocast(config, device), step,
+            )  # fmt: skip
+            update, stats = objective.combine(grads.forget, grads.remember)
             norm = float(torch.linalg.vector_norm(update.double()))
             if not math.isfinite(norm):
                 raise TrainingDiverged(step, "gradient")
@@ -129,9 +192,9 @@ def train_unlearning(
 
             metrics = {
                 "step": step,
-                "forget_loss": forget_error,
-                "remember_loss": remember_error,
-                "objective": float(forget_loss.detach()) + float(remember_loss.detach()),
+                "forget_loss": grads.forget_error,
+                "remember_loss": grads.remember_error,
+                "objective": float(grads.forget_loss.detach()) + float(grads.remember_loss.detach()),
                 "grad_norm": norm,
                 **stats,
             }

@@ -26,6 +26,7 @@ from ..denoiser import Conditioning
 from ..errors import InputError
 from ..lora import LoraLayer, LoraWeights
 from ..process import ForwardProcess
+from ..split_gradients import LayerGradientSplit
 from ..trainer import Callback, TrainResult, train_unlearning
 
 __all__ = [
@@ -63,13 +64,24 @@ def model_kind(model: torch.nn.Module) -> str:
 
 
 class DiffusersDenoiser:
-    """A diffusers network + its forward process behind the :class:`Denoiser` interface."""
+    """A diffusers network + its forward process behind the :class:`Denoiser` interface.
 
-    def __init__(self, model: torch.nn.Module, process: ForwardProcess, parameters=None):
+    ``gradient_split`` (optional, covering exactly ``parameters``) lets the trainer take the
+    forget and remember gradients from one pass (:mod:`unlearn_core.split_gradients`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        process: ForwardProcess,
+        parameters=None,
+        gradient_split: LayerGradientSplit | None = None,
+    ):
         self.model = model
         self.process = process
         self.kind = model_kind(model)
         self._parameters = parameters
+        self.gradient_split = gradient_split
 
     def raw_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         timestep = self.process.model_timestep(t).to(x_t.device)
@@ -116,7 +128,10 @@ def _check_rank(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> 
                 f"(at most {smallest}); lower lora_rank"
             )
     if not matched:
-        raise InputError(f"no layer of {type(model).__name__} matches target_modules {list(targets)}")
+        raise InputError(
+            f"no layer of {type(model).__name__} matches target_modules {list(targets)}; name layers of this "
+            "model (e.g. attn.to_q) or use None for the default set"
+        )
 
 
 @dataclass
@@ -132,6 +147,14 @@ class AttachedLora:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, m in self.layers() for p in (m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight)]
+
+    def gradient_split(self) -> LayerGradientSplit:
+        """Per-half gradients of :meth:`parameters` (same order) from one pass."""
+        return LayerGradientSplit([(m.lora_A[ADAPTER], m.lora_B[ADAPTER]) for _, m in self.layers()])
+
+    def denoiser(self, process: ForwardProcess, split: bool = True) -> DiffusersDenoiser:
+        """The model with this LoRA as trainable parameters (``split``: one-pass gradients)."""
+        return DiffusersDenoiser(self.model, process, self.parameters(), self.gradient_split() if split else None)
 
     def weights(self) -> LoraWeights:
         layers = {}
@@ -232,7 +255,9 @@ def unlearn_diffusers(
         lora_attached(model, config.lora_rank, config.effective_alpha, config.target_modules, seed=config.seed) as lora,
         _gradient_checkpointing(model, config.gradient_checkpointing),
     ):
-        denoiser = DiffusersDenoiser(model, process, parameters=lora.parameters())
+        # Checkpointing re-runs blocks in the backward pass; the split would keep every LoRA
+        # input alive across the whole forward and undo the memory it saves, so use two passes.
+        denoiser = lora.denoiser(process, split=not config.gradient_checkpointing)
         result = train_unlearning(denoiser, process, data, config, callback, should_stop)
         weights = lora.weights()
     weights.metadata.update({"unlearn.method": config.method, "unlearn.config": json.dumps(config.to_dict(), sort_keys=True)})
