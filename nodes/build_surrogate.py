@@ -34,9 +34,17 @@ def similarity(target: torch.Tensor, surrogate: torch.Tensor) -> float:
 
 def target_latent(target: Target, vae) -> torch.Tensor:
     """The sampler's latent when it was recorded, else the VAE encoding of the image."""
-    if target.latent is not None:
-        return target.latent.unsqueeze(0).float()
-    return host.encode(vae, target.image.unsqueeze(0)).float()
+    if target.latent is None:
+        return host.encode(vae, target.image.unsqueeze(0)).float()
+    scale = host.vae_scale(vae)
+    latent_size = tuple(target.latent.shape[-2:])
+    if tuple(side * scale for side in latent_size) != tuple(target.image.shape[:2]):
+        height, width = target.image.shape[:2]
+        raise InputError(
+            f"target {target.id} has a {latent_size[0]}x{latent_size[1]} latent but a {height}x{width} image, which "
+            f"this VAE (scale {scale}) does not connect; mark it again with the sampler's latent of that image"
+        )
+    return target.latent.unsqueeze(0).float()
 
 
 class BuildSurrogate(io.ComfyNode):
@@ -129,6 +137,11 @@ class BuildSurrogate(io.ComfyNode):
                 surrogate = latent + noise_std * torch.randn(latent.shape, generator=generator)
             if surrogate.shape != latent.shape:
                 raise InputError(f"surrogate latent {tuple(surrogate.shape)} differs from the target's {tuple(latent.shape)}")
+            if not torch.isfinite(surrogate).all():
+                raise InputError(
+                    f"the surrogate of target {index} holds NaN/inf values; check the edited image or "
+                    "lower cfg / use float32 weights and build it again"
+                )
             if surrogate_image is None:
                 surrogate_image = host.decode(vae, surrogate)[0]
             score = similarity(target.image, surrogate_image)

@@ -194,6 +194,29 @@ def release(clone) -> None:
             module.bias_function = []
 
 
+def lora_target_names(patcher, rank: int, target_modules: tuple[str, ...] | None) -> set[str]:
+    """Names of the layers that get a LoRA; refuses a rank a layer cannot hold, or no match at all.
+
+    Cheap (no weights are touched), so the node calls it before any sampling or training.
+    """
+    patterns = target_patterns(target_modules)
+    names = set()
+    for name, module in patcher.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not hasattr(module, "weight_function") or weight is None or weight.dim() < 2 or not _is_target(name, patterns):
+            continue
+        smallest = min(weight.shape[0], weight[0].numel())
+        if rank > smallest:
+            raise InputError(f"LoRA rank {rank} is larger than layer {name} allows (at most {smallest}); lower the rank")
+        names.add(name)
+    if not names:
+        raise InputError(
+            f"no layer of this model matches the LoRA targets {list(target_modules or DEFAULT_TARGETS)}; "
+            "leave target_modules empty for the default attention projections"
+        )
+    return names
+
+
 @contextlib.contextmanager
 def lora_training_clone(
     patcher, rank: int, alpha: float, target_modules: tuple[str, ...] | None, seed: int
@@ -204,7 +227,7 @@ def lora_training_clone(
     exactly as they were, whatever happens inside the block.
     """
     model_family(patcher)
-    patterns = target_patterns(target_modules)
+    targets = lora_target_names(patcher, rank, target_modules)
     clone = patcher.clone()
     adapters: dict[str, torch.nn.Module] = {}
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
@@ -218,17 +241,12 @@ def lora_training_clone(
                     continue
                 key = f"{name}.{kind}"
                 clone.add_object_patch(key, _alias(tensor))
-                if kind == "weight" and tensor.dim() >= 2 and _is_target(name, patterns):
-                    smallest = min(tensor.shape[0], tensor[0].numel())
-                    if rank > smallest:
-                        raise InputError(f"LoRA rank {rank} is larger than layer {name} allows (at most {smallest}); lower the rank")
+                if kind == "weight" and name in targets:
                     adapter = LoRAAdapter.create_train(tensor, rank=rank, alpha=alpha).to(torch.float32)
                     adapter.train().requires_grad_(True)
                     adapter.alpha.requires_grad_(False)
                     clone.add_weight_wrapper(key, adapter)
                     adapters[name] = adapter
-    if not adapters:
-        raise InputError(f"no layer of this model matches the LoRA targets {list(target_modules or DEFAULT_TARGETS)}")
     try:
         comfy.model_management.load_models_gpu([clone], force_full_load=True)
         yield clone, adapters
@@ -303,8 +321,31 @@ def empty_latent(patcher, height: int, width: int, batch: int = 1) -> torch.Tens
 
 
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
-    """IMAGE (B, H, W, 3) -> raw LATENT samples."""
-    return vae.encode(images[:, :, :, :3])
+    """IMAGE (B, H, W, 3) -> raw LATENT samples.
+
+    ComfyUI's VAE silently centre-crops sides that are not a multiple of its scale; the whole
+    image is resized to the nearest multiple instead (with a warning), so nothing of the target
+    is cut away.
+    """
+    images = images[:, :, :, :3]
+    scale = vae_scale(vae)
+    height, width = images.shape[1:3]
+    size = (max(scale, round(height / scale) * scale), max(scale, round(width / scale) * scale))
+    if size != (height, width) and getattr(vae, "crop_input", True):
+        log.warning(
+            "image %dx%d is not a multiple of the VAE's scale %d: resized to %dx%d (not cropped); "
+            "mark images whose sides are multiples of %d to avoid resizing", width, height, scale, size[1], size[0], scale,
+        )  # fmt: skip
+        resized = torch.nn.functional.interpolate(images.movedim(-1, 1).float(), size=size, mode="bilinear", antialias=True)
+        images = resized.movedim(1, -1).clamp(0, 1)
+    return vae.encode(images)
+
+
+def vae_scale(vae) -> int:
+    """How many pixels one latent cell covers (8 for SD3's VAE)."""
+    spatial = getattr(vae, "spacial_compression_encode", None)
+    scale = spatial() if callable(spatial) else getattr(vae, "downscale_ratio", 8)
+    return scale if isinstance(scale, int) and scale > 0 else 8
 
 
 def decode(vae, samples: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..unlearn_core.errors import InputError
+from ..unlearn_core.files import safe_name
+from ..unlearn_core.forget_set import check_target
 from . import provenance
 from .targets import Target, TargetsType, UnlearnTargets, store
 
@@ -43,6 +45,17 @@ def _mask_for(mask: torch.Tensor | None, index: int, height: int, width: int) ->
             "draw the mask on this image (or scale it to the image size first)"
         )
     return picked
+
+
+def _check_latent_size(samples: torch.Tensor, height: int, width: int) -> None:
+    """The latent must be the one these images were decoded from: the same scale on both sides."""
+    latent_height, latent_width = samples.shape[-2:]
+    scale_h, scale_w = height / latent_height, width / latent_width
+    if scale_h != scale_w or not scale_h.is_integer() or scale_h < 1:
+        raise InputError(
+            f"the latent ({latent_height}x{latent_width}) does not belong to these {height}x{width} images; "
+            "connect the sampler's LATENT that the images were decoded from"
+        )
 
 
 def _conditioning_tensors(conditioning) -> dict[str, torch.Tensor] | None:
@@ -100,23 +113,24 @@ class MarkUndesiredOutput(io.ComfyNode):
     @classmethod
     def execute(cls, forget_set, indices, images=None, latent=None, mask=None, conditioning=None) -> io.NodeOutput:
         forget_store = store()
-        folder_name = forget_store.folder(forget_set).name
+        folder_name = safe_name(forget_set, "forget-set name")
         if images is not None:
             chosen = parse_indices(indices, len(images))
             samples = None if latent is None else latent["samples"]
             if samples is not None and len(samples) != len(images):
                 raise InputError(f"the latent batch ({len(samples)}) and the image batch ({len(images)}) differ; connect the matching latent")
+            height, width = images.shape[1:3]
+            if samples is not None:
+                _check_latent_size(samples, height, width)
             origin = provenance.from_prompt(cls.hidden.prompt, cls.hidden.unique_id)
             cond_tensors = _conditioning_tensors(conditioning)
-            for index in chosen:
-                height, width = images.shape[1:3]
-                forget_store.add(
-                    folder_name, images[index],
-                    latent=None if samples is None else samples[index],
-                    mask=_mask_for(mask, index, height, width),
-                    provenance={**origin, "batch_index": index},
-                    conditioning=cond_tensors,
-                )  # fmt: skip
+            chosen_inputs = [(index, images[index], None if samples is None else samples[index],
+                              _mask_for(mask, index, height, width)) for index in chosen]  # fmt: skip
+            for _, image, sample, image_mask in chosen_inputs:  # check every chosen output before storing any
+                check_target(image, sample, image_mask)
+            for index, image, sample, image_mask in chosen_inputs:
+                forget_store.add(folder_name, image, latent=sample, mask=image_mask,
+                                 provenance={**origin, "batch_index": index}, conditioning=cond_tensors)  # fmt: skip
         records = forget_store.records(folder_name)
         if not records:
             raise InputError(

@@ -121,8 +121,10 @@ class PreserveCheck(io.ComfyNode):
             if target.conditioning is None:
                 raise InputError(f"target {index} has no conditioning; connect it to Mark Undesired Output")
             settings = sampling_settings(target, steps)
+            scale = host.vae_scale(vae)  # the size Build Surrogate encoded an image without latent at
             shape = tuple(target.latent.shape) if target.latent is not None else (
-                base_model.model.latent_format.latent_channels, target.image.shape[0] // 8, target.image.shape[1] // 8)
+                base_model.model.latent_format.latent_channels,
+                max(1, round(target.image.shape[0] / scale)), max(1, round(target.image.shape[1] / scale)))
             seed = target.provenance.get("seed")
             if seed is not None:
                 index_in_batch = int(target.provenance.get("batch_index", 0))

@@ -6,7 +6,8 @@
     POST /api/unlearn/mark                         {"forget_set", "filename", "subfolder", "type"}
 
 The handlers are plain functions over validated dicts returning (status, JSON); the aiohttp
-layer only parses and sizes requests. Every error is JSON with a 4xx code and a message.
+layer only checks the content type, sizes and parses requests. Every error, including any
+other path under /unlearn/, is JSON with a 4xx code and a message.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ class ForgetSetHandlers:
 
     def list_sets(self) -> Response:
         store = self.store()
-        return 200, {"forget_sets": [{"name": n, "count": len(store.records(n))} for n in store.names()]}
+        sets = []
+        for name in store.names():
+            try:
+                sets.append({"name": name, "count": len(store.records(name))})
+            except InputError as error:  # one damaged set must not hide the others
+                sets.append({"name": name, "count": None, "error": str(error)})
+        return 200, {"forget_sets": sets}
 
     def show_set(self, name: str) -> Response:
         try:
@@ -71,9 +78,12 @@ class ForgetSetHandlers:
         if not _ID.match(target_id):
             return _error(400, "target id must be 16 lowercase hex digits")
         store = self.store()
-        for record in store.records(name):
-            if record.id == target_id:
-                return 200, store.folder(name) / record.image
+        try:
+            for record in store.records(name):
+                if record.id == target_id:
+                    return 200, store.image_file(name, record)  # refuses paths outside the set's folder
+        except InputError as error:
+            return _error(400, str(error))
         return _error(404, f"no target {target_id} in forget set {name!r}")
 
     def mark(self, body) -> Response:
@@ -136,6 +146,23 @@ def _read_image(path: Path) -> np.ndarray:
         raise InputError(f"not a readable image: {error}") from None
 
 
+ROUTES = (
+    ("GET", re.compile(r"^forget_sets$"), "/unlearn/forget_sets"),
+    ("GET", re.compile(r"^forget_sets/[^/]+$"), "/unlearn/forget_sets/{name}"),
+    ("GET", re.compile(r"^forget_sets/[^/]+/[^/]+\.png$"), "/unlearn/forget_sets/{name}/{id}.png"),
+    ("POST", re.compile(r"^mark$"), "/unlearn/mark"),
+)
+
+
+def unknown_route(method: str, tail: str) -> Response:
+    """405 for a known path with another method, else 404; both list what the pack serves."""
+    served = ", ".join(f"{m} {template}" for m, _, template in ROUTES)
+    allowed = sorted({m for m, pattern, _ in ROUTES if pattern.match(tail)})
+    if allowed and method not in allowed and not (method == "HEAD" and "GET" in allowed):
+        return _error(405, f"{method} is not allowed here; use {' or '.join(allowed)} (the pack serves: {served})")
+    return _error(404, f"no such route /unlearn/{tail[:100]}; the pack serves: {served}")
+
+
 def register(routes, handlers: ForgetSetHandlers) -> None:
     """Attach the handlers to ComfyUI's route table (also served under /api/)."""
     from aiohttp import web
@@ -160,10 +187,18 @@ def register(routes, handlers: ForgetSetHandlers) -> None:
 
     @routes.post("/unlearn/mark")
     async def mark(request):
+        if request.content_type != "application/json":
+            return respond(415, {"error": f"send Content-Type: application/json, not {request.content_type or 'nothing'}"})
         if request.content_length is None or request.content_length > MAX_BODY_BYTES:
-            return respond(413, {"error": f"send a JSON body of at most {MAX_BODY_BYTES} bytes"})
+            return respond(413, {"error": f"send a JSON body with a Content-Length of at most {MAX_BODY_BYTES} bytes"})
         try:
-            body = json.loads(await request.content.read(MAX_BODY_BYTES + 1))
-        except (ValueError, UnicodeDecodeError):
-            return respond(400, {"error": "the body is not valid JSON"})
+            body = json.loads(await request.read())  # the whole declared body, at most MAX_BODY_BYTES
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+            return respond(400, {"error": "the body is not valid JSON; send one JSON object"})
         return respond(*handlers.mark(body))
+
+    @routes.route("*", "/unlearn/{tail:.*}")
+    async def unknown(request):
+        """Any other request under /unlearn/: a JSON error instead of the server's plain-text page."""
+        status, payload = unknown_route(request.method, request.match_info["tail"])
+        return respond(status, payload)

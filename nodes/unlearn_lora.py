@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,13 +9,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..unlearn_core import __version__
 from ..unlearn_core.config import UnlearnConfig
 from ..unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
 from ..unlearn_core.denoiser import concat
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import safe_child
-from ..unlearn_core.lora import parse_state_dict, save_lora
+from ..unlearn_core.files import safe_child, tensor_hash
+from ..unlearn_core.lora import parse_state_dict, reproduction_metadata, save_lora
 from ..unlearn_core.objectives import OBJECTIVES
 from ..unlearn_core.surgery import SURGERY_MODES
 from ..unlearn_core.trainer import train_unlearning
@@ -102,19 +100,14 @@ def lora_path(name: str) -> Path:
     return safe_child(folders[0], name, ".safetensors", what="LoRA name")
 
 
-def lora_metadata(config: UnlearnConfig, model, targets: UnlearnTargets) -> dict:
+def lora_metadata(config: UnlearnConfig, model, targets: UnlearnTargets, remember: dict) -> dict:
+    """Everything that reproduces this LoRA (see unlearn_core.lora.reproduction_metadata)."""
     models = sorted({str(t.provenance.get("model")) for t in targets.targets if t.provenance.get("model")})
-    return {
-        "unlearn.method": config.method,
-        "unlearn.config": json.dumps(config.to_dict(), sort_keys=True),
-        "unlearn.forget_set": targets.forget_set,
-        "unlearn.target_hashes": json.dumps([t.hash for t in targets.targets]),
-        "unlearn.surrogate_hashes": json.dumps([t.surrogate_hash for t in targets.targets]),
-        "unlearn.surrogate_methods": json.dumps([t.surrogate_method for t in targets.targets]),
-        "unlearn.base_model": host.model_name(model),
-        "unlearn.base_model_files": json.dumps(models),
-        "unlearn.pack_version": __version__,
-    }
+    return reproduction_metadata(
+        config, [t.hash for t in targets.targets], [t.surrogate_hash for t in targets.targets], host.model_name(model),
+        forget_set=targets.forget_set, surrogate_methods=[t.surrogate_method for t in targets.targets],
+        base_model_files=models, remember=remember,
+    )  # fmt: skip
 
 
 class InstanceUnlearnLoRA(io.ComfyNode):
@@ -183,14 +176,17 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         family = host.model_family(model)
+        host.lora_target_names(model, rank, config.target_modules)  # a rank too large fails before any work
         check_targets(targets)
         path = lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
         if remember_latents is not None:
             remember = remember_latents["samples"].float()
             conditioning = remember_conditioning or targets.targets[0].conditioning
             remember_conditionings = [conditioning] * len(remember)
+            remember_source = {"given": tensor_hash(remember)}
         else:
             remember, remember_conditionings = generate_remember(model, targets, remember_count, remember_steps)
+            remember_source = {"generate": remember_count, "steps": remember_steps, "seeds": "target seed + 1, + 2, ..."}
         data = build_data(model, targets, remember, remember_conditionings)
         process = host.HostProcess(model.model.model_sampling, family)
         progress = TrainingProgress(cls.hidden.unique_id, steps)
@@ -208,7 +204,7 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             progress.finish("failed", error=str(error) or type(error).__name__)
             raise
         if path is not None:
-            save_lora(path, parse_state_dict(lora), "comfy", lora_metadata(config, model, targets))
+            save_lora(path, parse_state_dict(lora), "comfy", lora_metadata(config, model, targets, remember_source))
             saved_name = path.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
             log.info("saved unlearning LoRA to %s", path)
         else:

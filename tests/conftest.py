@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,6 +26,18 @@ def import_pack(name: str = "instance_unlearn"):
 
 
 import_pack()
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (the loss stays finite), for fault tests."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 def make_tiny_sd3(seed: int = 0, channels: int = 4, size: int = 8):
@@ -67,6 +80,45 @@ def make_data(channels: int, size: int, cond_factory=None, n_forget: int = 1, n_
     forget_cond = cond_factory(n_forget) if cond_factory else {}
     remember_cond = cond_factory(n_remember) if cond_factory else {}
     return UnlearnData(ForgetTargets(targets, surrogates, forget_cond), RememberSet(remember, remember_cond))
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every weight and buffer, to prove later that the base model was not touched."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
+    """Same keys, same bits, no adapter module and no hook left behind."""
+    after = model.state_dict()
+    assert set(after) == set(before), "module structure changed (adapter left behind?)"
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), f"{name} changed"
+    assert all(type(m).__module__.split(".")[0] != "peft" for m in model.modules())
+    hooked = [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    assert not hooked, f"hooks left on the model: {hooked[:3]}"
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with a digest of its bytes: equal trees = nothing written.
+
+    Files over 1 MiB (models) are identified by size, modification time and inode instead of
+    their bytes, which any write or atomic replace changes as well.
+    """
+    root = Path(root)
+    if not root.exists():
+        return {}
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            entries[relative] = "link -> " + str(path.readlink())
+        elif path.is_dir():
+            entries[relative] = "folder"
+        elif (stat := path.stat()).st_size > 1 << 20:
+            entries[relative] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}, inode {stat.st_ino}"
+        else:
+            entries[relative] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return entries
 
 
 @pytest.fixture

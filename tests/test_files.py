@@ -4,13 +4,15 @@ from unlearn_core.errors import InputError
 from unlearn_core.files import atomic_path, atomic_write_text, safe_child, safe_name, tensor_hash
 
 HOSTILE = ["..", "../x", "a/../../b", "/etc/passwd", "C:\\x", "x\\..\\y", "", " ", "con", "NUL.txt",
-           "a\x00b", "a|b", "a;rm", "~root", ".hidden", "x" * 101, "trailing.", "a\nb"]  # fmt: skip
+           "a\x00b", "a|b", "a;rm", "~root", ".hidden", "x" * 101, "trailing.", "a\nb",
+           "%2e%2e", "a/%2e%2e/b", "lpt1.safetensors", "a\u202eb", "a/./b", "a//b"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_names_are_refused(tmp_path, name):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"is (not allowed|empty).*(use 1-100 letters|give a file name)"):
         safe_child(tmp_path, name, ".safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_good_names_stay_inside(tmp_path):

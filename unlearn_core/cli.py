@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import UnlearnConfig
-from .errors import UnlearnError
+from .errors import InputError, UnlearnError
 
 log = logging.getLogger("unlearn_core")
 
@@ -40,7 +40,7 @@ class _ProgressBar:
 def _demo(args) -> int:
     from .pipeline import DemoSettings, run_demo
 
-    config = UnlearnConfig(**{**DemoSettings().config.to_dict(), **({"steps": args.steps} if args.steps else {})})
+    config = UnlearnConfig(**{**DemoSettings().config.to_dict(), **({"steps": args.steps} if args.steps is not None else {})})
     settings = DemoSettings(target=args.target, surrogate=args.surrogate, strength=args.strength, config=config)
     report = run_demo(args.out, settings, callback=_ProgressBar("unlearning"))
     evaluation = report["evaluation"]
@@ -60,17 +60,40 @@ def _demo(args) -> int:
 
 
 def _run(args) -> int:
+    job = read_job(Path(args.config))  # before importing the model libraries: a bad file fails at once
     from .provider import run_job
 
-    job = json.loads(Path(args.config).read_text())
     result = run_job(job, base_dir=Path(args.config).parent, callback=_ProgressBar("unlearning"))
     print(json.dumps(result, indent=2))
     return 0
 
 
+def read_job(path: Path) -> dict:
+    """The job file as a dict, or an :class:`InputError` saying what is wrong with it."""
+    try:
+        job = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"job file {str(path)!r} does not exist; give the path of your job .json") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"job file {str(path)!r} is not readable JSON ({error}); fix it (see README: 'Your own model')") from None
+    if not isinstance(job, dict):
+        raise InputError(f"job file {str(path)!r} must hold one JSON object with model, targets, config and output")
+    return job
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unlearn", description="Prompt-free instance unlearning for diffusion models.")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    parser.add_argument("--threads", type=_positive, default=2, help="CPU threads for torch (default 2)")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the whole job on the embedded flags model, offline")

@@ -15,6 +15,7 @@ the set as it was. Set names are validated (:func:`unlearn_core.files.safe_name`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .errors import InputError
 from .files import atomic_path, atomic_write_bytes, atomic_write_text, safe_child, safe_name
 
-__all__ = ["ForgetSetStore", "TargetRecord", "image_to_png_bytes", "MAX_SIDE"]
+__all__ = ["ForgetSetStore", "TargetRecord", "check_target", "image_to_png_bytes", "MAX_SIDE"]
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -56,7 +57,7 @@ def _to_uint8(image) -> np.ndarray:
     """(H, W, 3) uint8 from a [0, 1] float tensor/array (H, W, C) or an 8-bit array."""
     array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise InputError(f"an image must be (height, width, channels), got shape {tuple(array.shape)}")
+        raise InputError(f"an image must be (height, width, channels), got shape {tuple(array.shape)}; connect a decoded image")
     if array.dtype != np.uint8:
         if not np.isfinite(array).all():
             raise InputError("the image holds NaN/inf values; regenerate it")
@@ -66,8 +67,41 @@ def _to_uint8(image) -> np.ndarray:
     if array.shape[2] == 4:
         array = array[:, :, :3]
     if max(array.shape[:2]) > MAX_SIDE or min(array.shape[:2]) < 1:
-        raise InputError(f"image size {array.shape[1]}x{array.shape[0]} is outside 1..{MAX_SIDE} pixels")
+        raise InputError(f"image size {array.shape[1]}x{array.shape[0]} is outside 1..{MAX_SIDE} pixels a side; scale it down")
     return np.ascontiguousarray(array)
+
+
+def check_target(image, latent=None, mask=None) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+    """Validate one output to mark; return (pixels (H, W, 3) uint8, latent (C, h, w), mask (H, W)).
+
+    Raises :class:`InputError` saying what is wrong and what to change; writes nothing, so a
+    caller marking several outputs can check all of them before storing any.
+    """
+    pixels = _to_uint8(image)
+    height, width = pixels.shape[:2]
+    if mask is not None:
+        mask = torch.as_tensor(mask).detach().float().cpu().squeeze()
+        if mask.shape != (height, width):
+            raise InputError(
+                f"mask {tuple(mask.shape)} does not match the image ({height}, {width}); "
+                "draw the mask on this image or resize it to the image size"
+            )
+        if not torch.isfinite(mask).all():
+            raise InputError("the mask holds NaN/inf values; draw the mask again")
+        if float(mask.max()) <= 0:
+            raise InputError("the mask is empty (all zero): paint the undesired region, or leave the mask out")
+    if latent is not None:
+        latent = torch.as_tensor(latent).detach().float().cpu()
+        if latent.dim() == 4 and len(latent) == 1:
+            latent = latent[0]
+        if latent.dim() != 3:
+            raise InputError(
+                f"the latent must be one (C, H, W) tensor, got shape {tuple(latent.shape)}; "
+                "connect the sampler's LATENT output"
+            )
+        if not torch.isfinite(latent).all():
+            raise InputError("the latent holds NaN/inf values; sample the image again (lower cfg or use float32)")
+    return pixels, latent, mask
 
 
 def image_to_png_bytes(image) -> bytes:
@@ -103,10 +137,10 @@ class ForgetSetStore:
             return []
         try:
             data = json.loads(manifest.read_text("utf-8"))
-            if data.get("version") != VERSION or not isinstance(data.get("targets"), list):
+            if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("targets"), list):
                 raise ValueError("unknown version or no target list")
             return [TargetRecord(**entry) for entry in data["targets"]]
-        except (ValueError, TypeError, KeyError) as error:
+        except (OSError, ValueError, TypeError, KeyError) as error:
             raise InputError(
                 f"the manifest of forget set {name!r} is damaged ({error}); delete {manifest} "
                 "and mark the outputs again"
@@ -125,27 +159,14 @@ class ForgetSetStore:
         provenance: dict | None = None,
         conditioning: dict[str, torch.Tensor] | None = None,
     ) -> tuple[TargetRecord, bool]:
-        """Mark one output. Returns (record, added); added is False if it was already marked."""
+        """Mark one output. Returns (record, added); added is False if it was already marked.
+
+        Everything is validated before the first byte is written; if writing fails part-way,
+        the files of this call are removed again and the manifest is unchanged.
+        """
         name = safe_name(name, "forget-set name")
-        pixels = _to_uint8(image)
+        pixels, latent, mask = check_target(image, latent, mask)
         height, width = pixels.shape[:2]
-        if mask is not None:
-            mask = torch.as_tensor(mask).detach().float().cpu().squeeze()
-            if mask.shape != (height, width):
-                raise InputError(
-                    f"mask {tuple(mask.shape)} does not match the image ({height}, {width}); "
-                    "draw the mask on this image or resize it to the image size"
-                )
-            if not torch.isfinite(mask).all():
-                raise InputError("the mask holds NaN/inf values")
-            if float(mask.max()) <= 0:
-                raise InputError("the mask is empty (all zero): paint the undesired region, or leave the mask out")
-        if latent is not None:
-            latent = torch.as_tensor(latent).detach().float().cpu()
-            if latent.dim() == 4 and len(latent) == 1:
-                latent = latent[0]
-            if latent.dim() != 3 or not torch.isfinite(latent).all():
-                raise InputError(f"the latent must be one finite (C, H, W) tensor, got shape {tuple(latent.shape)}")
         target_id = _content_id(pixels)
         with _lock:
             records = self.records(name)
@@ -153,28 +174,40 @@ class ForgetSetStore:
                 if record.id == target_id:
                     return record, False
             folder = self.folder(name)
-            folder.mkdir(parents=True, exist_ok=True)
+            created = not folder.exists()
             record = TargetRecord(
                 id=target_id, image=f"{target_id}.png", width=width, height=height,
                 provenance=dict(provenance or {}), created=time.time(),
             )  # fmt: skip
-            atomic_write_bytes(folder / record.image, image_to_png_bytes(pixels))
-            if latent is not None:
-                record.latent = f"{target_id}.latent.safetensors"
-                with atomic_path(folder / record.latent) as temporary:
-                    save_file({"samples": latent.contiguous()}, str(temporary))
-            if mask is not None:
-                record.mask = f"{target_id}.mask.png"
-                mask_pixels = (mask.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-                buffer = io.BytesIO()
-                Image.fromarray(mask_pixels, "L").save(buffer, format="PNG")
-                atomic_write_bytes(folder / record.mask, buffer.getvalue())
-            if conditioning:
-                record.conditioning = f"{target_id}.cond.safetensors"
-                tensors = {k: v.detach().cpu().contiguous() for k, v in conditioning.items()}
-                with atomic_path(folder / record.conditioning) as temporary:
-                    save_file(tensors, str(temporary))
-            self._write_manifest(name, [*records, record])
+            written: list[Path] = []
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                written.append(atomic_write_bytes(folder / record.image, image_to_png_bytes(pixels)))
+                if latent is not None:
+                    record.latent = f"{target_id}.latent.safetensors"
+                    with atomic_path(folder / record.latent) as temporary:
+                        save_file({"samples": latent.contiguous()}, str(temporary))
+                    written.append(folder / record.latent)
+                if mask is not None:
+                    record.mask = f"{target_id}.mask.png"
+                    mask_pixels = (mask.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(mask_pixels, "L").save(buffer, format="PNG")
+                    written.append(atomic_write_bytes(folder / record.mask, buffer.getvalue()))
+                if conditioning:
+                    record.conditioning = f"{target_id}.cond.safetensors"
+                    tensors = {k: v.detach().cpu().contiguous() for k, v in conditioning.items()}
+                    with atomic_path(folder / record.conditioning) as temporary:
+                        save_file(tensors, str(temporary))
+                    written.append(folder / record.conditioning)
+                self._write_manifest(name, [*records, record])
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                if created:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only if nothing else appeared in it meanwhile
+                raise
         return record, True
 
     def remove(self, name: str, target_id: str) -> bool:
@@ -187,6 +220,10 @@ class ForgetSetStore:
         return True
 
     # --- reading ------------------------------------------------------------------------------
+
+    def image_file(self, name: str, record: TargetRecord) -> Path:
+        """The marked image of ``record``; refused if the manifest points outside the set's folder."""
+        return self._file(name, record.image)
 
     def _file(self, name: str, filename: str) -> Path:
         path = safe_child(self.folder(name), filename, what="file name")

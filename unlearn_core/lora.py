@@ -41,6 +41,8 @@ __all__ = [
     "parse_state_dict",
     "save_lora",
     "load_lora",
+    "reproduction_metadata",
+    "REPRODUCTION_KEYS",
     "KEY_FORMATS",
 ]
 
@@ -249,6 +251,34 @@ def parse_state_dict(tensors: dict[str, torch.Tensor]) -> LoraWeights:
 
 
 # --- files -------------------------------------------------------------------------------------
+
+#: what every unlearning LoRA records so that the run can be repeated and audited
+REPRODUCTION_KEYS = (
+    "unlearn.method", "unlearn.config", "unlearn.target_hashes", "unlearn.surrogate_hashes",
+    "unlearn.base_model", "unlearn.pack_version",
+)  # fmt: skip
+
+
+def reproduction_metadata(
+    config, target_hashes: list, surrogate_hashes: list, base_model: str, **extra
+) -> dict[str, str]:
+    """LoRA file metadata that reproduces a run: method, every hyperparameter (seed included),
+    the content hashes of targets and surrogates, the base model, the pack version, and
+    ``extra`` fields as ``unlearn.<key>`` (values that are not text become JSON)."""
+    from . import __version__  # the package sets it after importing this module
+
+    metadata = {
+        "unlearn.method": config.method,
+        "unlearn.config": json.dumps(config.to_dict(), sort_keys=True),
+        "unlearn.target_hashes": json.dumps(list(target_hashes)),
+        "unlearn.surrogate_hashes": json.dumps(list(surrogate_hashes)),
+        "unlearn.base_model": base_model,
+        "unlearn.pack_version": __version__,
+    }
+    for key, value in extra.items():
+        metadata[f"unlearn.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return metadata
+
 
 def save_lora(
     path: str | Path, weights: LoraWeights, key_format: str = "comfy", metadata: dict | None = None

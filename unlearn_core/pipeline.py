@@ -29,7 +29,7 @@ from .data import ForgetTargets, RememberSet, UnlearnData
 from .errors import InputError
 from .files import atomic_path, atomic_write_text, tensor_hash
 from .forget_set import ForgetSetStore
-from .lora import LoraWeights, save_lora
+from .lora import LoraWeights, reproduction_metadata, save_lora
 from .metrics import copy_similarity, load_lpips, lpips_distance, psnr, ssim
 from .sampling import sample, seeded_noise
 from .surrogate import repaint, sdedit
@@ -146,6 +146,8 @@ class DemoSettings:
         for name in ("seeds_per_class", "sample_steps", "remember_same_prompt", "integrity_seeds"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1")
+        if not 0 < self.strength <= 1:
+            raise InputError(f"strength={self.strength} must lie in (0, 1]; 0.3-0.7 edits mildly (sdedit), 1.0 repaints fully")
 
 
 def parse_target(text: str, classes: tuple[str, ...]) -> tuple[int, int]:
@@ -170,12 +172,15 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     from . import demo_model
 
     settings = settings or DemoSettings()
+    classes = demo_model.FLAG_CLASSES
+    if settings.target:  # refuse a bad target before any work or any file
+        label, seed = parse_target(settings.target, classes)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"the output folder {str(out)!r} is a file; give a folder (--out)")
     started = time.perf_counter()
     model, process = demo_model.load_flags_model()
     classifier = demo_model.load_flags_classifier()
-    classes = demo_model.FLAG_CLASSES
     cond_fn = demo_model.flags_conditioning
     base_fingerprint = {name: tensor_hash(p) for name, p in model.state_dict().items()}
 
@@ -183,7 +188,6 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     labels = [c for c in range(len(classes)) for _ in range(settings.seeds_per_class)]
     seeds = [s for _ in classes for s in range(settings.seeds_per_class)]
     if settings.target:
-        label, seed = parse_target(settings.target, classes)
         if (label, seed) not in zip(labels, seeds, strict=True):
             labels.append(label)
             seeds.append(seed)
@@ -228,13 +232,10 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     outcome = unlearn_diffusers(model, process, data, settings.config, callback=callback)
     train_seconds = outcome.training.seconds
     lora = outcome.lora
-    metadata = {
-        "unlearn.method": settings.config.method,
-        "unlearn.config": json.dumps(settings.config.to_dict(), sort_keys=True),
-        "unlearn.target_hashes": json.dumps([record.id]),
-        "unlearn.surrogate_hashes": json.dumps([tensor_hash(surrogate)]),
-        "unlearn.base_model": "flags_sd3 (embedded demo)",
-    }
+    metadata = reproduction_metadata(
+        settings.config, [record.id], [tensor_hash(surrogate)], "flags_sd3 (embedded demo)",
+        demo_settings={k: v for k, v in asdict(settings).items() if k != "config"},
+    )
     lora_file = save_lora(out / "unlearn_lora.safetensors", lora, "diffusers", metadata)
 
     # 6. preserve check: same seeds, base vs unlearned

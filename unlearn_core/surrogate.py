@@ -73,7 +73,7 @@ def _check_mask(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             "per target (or one for all) at the target's height and width"
         )
     if not torch.isfinite(mask).all():
-        raise InputError("the mask holds NaN/inf values")
+        raise InputError("the mask holds NaN/inf values; draw the mask again")
     if float(mask.max()) <= 0:
         raise InputError("the mask is empty (all zero): paint the region to regenerate")
     return mask.clamp(0, 1).to(target)

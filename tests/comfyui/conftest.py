@@ -7,6 +7,7 @@ diffusers keys (loaded by the stock UNETLoader path as SD3) and a small SD3-styl
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -82,3 +83,80 @@ def loaded(comfy, tiny_files):
         model = nodes.UNETLoader().load_unet(tiny_files["unet"], "default")[0]
         vae = nodes.VAELoader().load_vae(tiny_files["vae"])[0]
     return {"model": model, "vae": vae, "conditioning": tiny_models.conditioning(0)}
+
+
+@pytest.fixture(scope="session")
+def node(pack):
+    """The pack's four node classes."""
+    from instance_unlearn.nodes import build_surrogate, mark_undesired, preserve_check, unlearn_lora
+
+    return {
+        "mark": mark_undesired.MarkUndesiredOutput,
+        "surrogate": build_surrogate.BuildSurrogate,
+        "train": unlearn_lora.InstanceUnlearnLoRA,
+        "check": preserve_check.PreserveCheck,
+    }
+
+
+@pytest.fixture(scope="session")
+def marked(comfy, loaded, node):
+    """One output (batch index 1 of seed 11) marked in the forget set 'flags', with its provenance."""
+    from .helpers import generate, prompt_for, run
+
+    latent, images = generate(comfy["nodes"], loaded["model"], loaded["vae"], loaded["conditioning"], seed=11)
+    prompt, node_id = prompt_for(11)
+    targets, preview = run(node["mark"], {"PROMPT": prompt, "UNIQUE_ID": node_id}, forget_set="flags", indices="1",
+                           images=images, latent=latent, conditioning=loaded["conditioning"])  # fmt: skip
+    return targets
+
+
+@pytest.fixture(scope="session")
+def with_surrogates(loaded, node, marked):
+    """(targets with SDEdit surrogates, preview, similarity text)."""
+    from .helpers import SURROGATE, run
+
+    return run(node["surrogate"], model=loaded["model"], vae=loaded["vae"], targets=marked, **SURROGATE)
+
+
+# Settings for the frontend in the test server's user folder: no first-run template browser.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_files):
+    """One server for the workflow and browser tests: tiny models, plus a stand-in for every file
+    the shared workflows name (empty model files, a small image with a mask), so that ComfyUI's
+    own validation of the workflows' file combos passes without the real SD3.5 downloads."""
+    from PIL import Image
+    from workflow_check import check_workflow, load_snapshot, load_workflows
+
+    from .server import ComfyServer
+
+    base = tmp_path_factory.mktemp("workflow_server")
+    for workflow in load_workflows().values():
+        for _, folder, name in check_workflow(workflow, load_snapshot()).files:
+            path = base / ("input" if folder == "input" else f"models/{folder}") / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if folder == "input":
+                image = Image.new("RGBA", (64, 64), (90, 120, 200, 255))
+                image.paste((90, 120, 200, 0), (16, 16, 48, 48))  # the painted (masked) region
+                image.save(path)
+            else:
+                path.touch()
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps(FRONTEND_SETTINGS))
+    models = tiny_files["base"] / "models"
+    instance = ComfyServer(COMFYUI_PATH, base, {"diffusion_models": models / "diffusion_models" / tiny_files["unet"],
+                                                "vae": models / "vae" / tiny_files["vae"]})  # fmt: skip
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def server(comfy_server):
+    """The one ComfyUI server subprocess of a pytest run, shared by every HTTP test."""
+    return comfy_server

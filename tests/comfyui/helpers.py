@@ -6,6 +6,12 @@ import torch
 
 SIZE = 64  # pixels; latents are 8x8
 
+TRAIN = dict(steps=4, learning_rate=1e-3, rank=4, forget_batch_size=2, remember_batch_size=2, remember_count=2,
+             remember_steps=2, weighting="power", gamma=1.0, surgery="project_forget", method="surrogate", seed=0,
+             dtype="float32", gradient_checkpointing=False)  # fmt: skip
+SURROGATE = dict(method="sdedit", strength=0.6, seed=0, steps=4, cfg=2.0, sampler_name="euler",
+                 scheduler="sgm_uniform", noise_std=0.1)  # fmt: skip
+
 
 def run(node_cls, hidden: dict | None = None, **inputs):
     """Execute a V3 node class (with its hidden inputs) under inference mode, like a prompt."""
@@ -48,3 +54,35 @@ def denoiser_output(model, conditioning, seed: int = 5) -> torch.Tensor:
                                           device=x.device, noise=x)  # fmt: skip
         kwargs = {k: v.cond for k, v in tensors.items()}
         return model.model.apply_model(x, torch.tensor([0.6]), **kwargs).clone()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+def state_hash(model) -> str:
+    """sha256 over every tensor of the network (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.model.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def assert_same_weights(model, before):
+    """Bit-identical weights, and nothing of a training run left on the shared network or patcher."""
+    after = model.model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    modules = list(model.model.named_modules())
+    leftovers = [n for n, m in modules if getattr(m, "weight_function", None) or getattr(m, "bias_function", None)]
+    assert leftovers == [], f"wrappers left on the shared model: {leftovers[:3]}"
+    hooked = [n for n, m in modules if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    assert hooked == [], f"hooks left on the shared model: {hooked[:3]}"
+    patched = [n for n, m in modules if "forward" in vars(m)]
+    assert patched == [], f"a replaced forward was left on: {patched[:3]}"
+    assert not model.object_patches and not model.weight_wrapper_patches, "patches left on the cached patcher"

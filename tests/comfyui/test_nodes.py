@@ -1,4 +1,7 @@
-"""The four nodes in-process against a real ComfyUI: training, LoRA equivalence, base integrity, errors."""
+"""The four nodes in-process against a real ComfyUI: training, LoRA equivalence, base integrity.
+
+Bad inputs are in test_node_bad_inputs.py, faults and repeated runs in test_node_faults.py.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +10,9 @@ import json
 import pytest
 import torch
 
-from .helpers import denoiser_output, generate, prompt_for, run
+from .helpers import SURROGATE, TRAIN, assert_same_weights, denoiser_output, generate, run, snapshot
 
 pytestmark = pytest.mark.comfyui
-
-TRAIN = dict(steps=4, learning_rate=1e-3, rank=4, forget_batch_size=2, remember_batch_size=2, remember_count=2,
-             remember_steps=2, weighting="power", gamma=1.0, surgery="project_forget", method="surrogate", seed=0,
-             dtype="float32", gradient_checkpointing=False)  # fmt: skip
-SURROGATE = dict(method="sdedit", strength=0.6, seed=0, steps=4, cfg=2.0, sampler_name="euler",
-                 scheduler="sgm_uniform", noise_std=0.1)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def node(pack):
-    from instance_unlearn.nodes import build_surrogate, mark_undesired, preserve_check, unlearn_lora
-
-    return {
-        "mark": mark_undesired.MarkUndesiredOutput,
-        "surrogate": build_surrogate.BuildSurrogate,
-        "train": unlearn_lora.InstanceUnlearnLoRA,
-        "check": preserve_check.PreserveCheck,
-    }
-
-
-@pytest.fixture(scope="module")
-def marked(comfy, loaded, node):
-    latent, images = generate(comfy["nodes"], loaded["model"], loaded["vae"], loaded["conditioning"], seed=11)
-    prompt, node_id = prompt_for(11)
-    targets, preview = run(node["mark"], {"PROMPT": prompt, "UNIQUE_ID": node_id}, forget_set="flags", indices="1",
-                           images=images, latent=latent, conditioning=loaded["conditioning"])  # fmt: skip
-    return targets
-
-
-@pytest.fixture(scope="module")
-def with_surrogates(loaded, node, marked):
-    targets, preview, text = run(node["surrogate"], model=loaded["model"], vae=loaded["vae"], targets=marked, **SURROGATE)
-    return targets, preview, text
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.model.state_dict().items()}
-
-
-def assert_same_weights(model, before):
-    after = model.model.state_dict()
-    assert set(after) == set(before)
-    for key, value in before.items():
-        assert torch.equal(after[key], value), key
-    leftovers = [n for n, m in model.model.named_modules() if getattr(m, "weight_function", None) or getattr(m, "bias_function", None)]
-    assert leftovers == [], f"wrappers left on the shared model: {leftovers[:3]}"
-
 
 def test_mark_records_provenance_and_dedupes(comfy, loaded, node, marked):
     assert len(marked) == 1
@@ -109,56 +65,6 @@ def test_train_saves_a_lora_that_stock_loaders_reproduce(comfy, loaded, node, wi
     assert json.loads(metadata["unlearn.config"])["steps"] == TRAIN["steps"]
 
 
-def test_base_model_survives_a_failed_and_a_cancelled_run(comfy, loaded, node, with_surrogates, monkeypatch):
-    import comfy.model_management as management
-
-    base = loaded["model"]
-    before = snapshot(base)
-    base_output = denoiser_output(base, loaded["conditioning"])
-    targets = with_surrogates[0]
-    loras = comfy["base"] / "models" / "loras"
-    files_before = sorted(loras.rglob("*"))
-
-    from instance_unlearn.nodes import progress
-
-    calls = {"n": 0}
-    original = progress.TrainingProgress.__call__
-
-    def failing(self, step, total, metrics):
-        calls["n"] += 1
-        if step == 2:
-            raise RuntimeError("injected failure inside the training step")
-        return original(self, step, total, metrics)
-
-    monkeypatch.setattr(progress.TrainingProgress, "__call__", failing)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        run(node["train"], model=base, targets=targets, lora_name="tests/failed", **TRAIN)
-    monkeypatch.setattr(progress.TrainingProgress, "__call__", original)
-    assert_same_weights(base, before)
-    assert torch.equal(denoiser_output(base, loaded["conditioning"]), base_output)
-
-    real_check = management.throw_exception_if_processing_interrupted
-    seen = {"n": 0}
-
-    def cancel_at_third(*args, **kwargs):
-        seen["n"] += 1
-        if seen["n"] == 3:
-            management.interrupt_current_processing(True)
-        return real_check(*args, **kwargs)
-
-    monkeypatch.setattr(management, "throw_exception_if_processing_interrupted", cancel_at_third)
-    with pytest.raises(management.InterruptProcessingException):
-        run(node["train"], model=base, targets=targets, lora_name="tests/cancelled", **TRAIN)
-    management.interrupt_current_processing(False)
-    assert_same_weights(base, before)
-    assert torch.equal(denoiser_output(base, loaded["conditioning"]), base_output)
-    assert sorted(loras.rglob("*")) == files_before, "a failed or cancelled run wrote files"
-    # and the next run works
-    monkeypatch.setattr(management, "throw_exception_if_processing_interrupted", real_check)
-    run(node["train"], model=base, targets=targets, lora_name="", **dict(TRAIN, steps=1))
-    assert_same_weights(base, before)
-
-
 def test_preserve_check_reports_and_saves_beside_the_lora(comfy, loaded, node, with_surrogates):
     targets = with_surrogates[0]
     model, lora, loss, name = run(node["train"], model=loaded["model"], targets=targets, lora_name="tests/checked", **TRAIN)
@@ -173,33 +79,6 @@ def test_preserve_check_reports_and_saves_beside_the_lora(comfy, loaded, node, w
     assert report["targets"][0]["ssim_base_to_target"] > 0.99
     assert len(report["preserve"]) == 2 and isinstance(passed, bool)
     assert grid.shape[1] == 2 * 64 and grid.shape[2] == 3 * 64  # two rows; target + 2 preserve columns
-
-
-def test_bad_inputs_name_the_fix_and_write_nothing(comfy, loaded, node, marked, with_surrogates):
-    from instance_unlearn.unlearn_core.errors import InputError
-
-    loras = comfy["base"] / "models" / "loras"
-    files_before = sorted(loras.rglob("*"))
-    with pytest.raises(InputError, match="is empty"):
-        run(node["mark"], forget_set="never_marked", indices="0")
-    latent, images = generate(comfy["nodes"], loaded["model"], loaded["vae"], loaded["conditioning"], seed=3)
-    with pytest.raises(InputError, match="mask"):
-        run(node["mark"], forget_set="masks", indices="0", images=images, mask=torch.ones(1, 32, 32))
-    assert not (comfy["base"] / "output" / "unlearn" / "forget_sets" / "masks").exists()
-    with pytest.raises(InputError, match="target's size"):
-        run(node["surrogate"], model=loaded["model"], vae=loaded["vae"], targets=marked,
-            **dict(SURROGATE, method="edited_image"), edited_image=torch.rand(1, 32, 32, 3))  # fmt: skip
-    with pytest.raises(InputError, match="no surrogate"):
-        run(node["train"], model=loaded["model"], targets=marked, lora_name="tests/x", **TRAIN)
-    with pytest.raises(InputError, match="not allowed"):
-        run(node["train"], model=loaded["model"], targets=with_surrogates[0], lora_name="../../escape", **TRAIN)
-    with pytest.raises(InputError, match="learning_rate"):
-        run(node["train"], model=loaded["model"], targets=with_surrogates[0], lora_name="tests/x", **dict(TRAIN, learning_rate=5.0))
-    unsupported = loaded["model"].clone()
-    unsupported.model = type("Cascade", (), {"model_type": None})()
-    with pytest.raises(InputError, match="not supported"):
-        run(node["train"], model=unsupported, targets=with_surrogates[0], lora_name="tests/x", **TRAIN)
-    assert sorted(loras.rglob("*")) == files_before
 
 
 def test_inpaint_surrogate_changes_the_masked_region(comfy, loaded, node):

@@ -7,28 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import COMFYUI_PATH
-
 pytestmark = pytest.mark.comfyui
 
 NODE_IDS = ("InstanceUnlearn_MarkUndesired", "InstanceUnlearn_BuildSurrogate", "InstanceUnlearn_TrainLoRA",
             "InstanceUnlearn_PreserveCheck")  # fmt: skip
 SNAPSHOT = Path(__file__).with_name("schema_snapshot.json")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_files):
-    from .server import ComfyServer
-
-    base = tmp_path_factory.mktemp("server_base")
-    models = tiny_files["base"] / "models"
-    instance = ComfyServer(COMFYUI_PATH, base, {"diffusion_models": models / "diffusion_models" / tiny_files["unet"],
-                                                "vae": models / "vae" / tiny_files["vae"]})  # fmt: skip
-    try:
-        instance.wait_ready()
-        yield instance
-    finally:
-        instance.stop()
 
 
 def schema_of(info: dict) -> dict:
