@@ -1,10 +1,12 @@
 // "Mark as undesired" on images shown by output and preview nodes: adds the image to a named
 // forget set through the pack's route, the same store the Mark Undesired Output node loads.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const SETTING = "InstanceUnlearn.DefaultForgetSet";
+const TITLE = "Mark as undesired";
 
+// The image the node shows (the selected one of a batch), as the server's /view parameters.
 function shownImage(node) {
   const images = node.imgs ?? [];
   if (!images.length) return null;
@@ -17,25 +19,46 @@ function shownImage(node) {
   return { filename, subfolder: params.get("subfolder") ?? "", type: params.get("type") ?? "output" };
 }
 
-async function mark(image) {
-  const fallback = app.extensionManager?.setting?.get(SETTING) ?? "default";
-  const forgetSet = window.prompt("Forget set to add this image to:", fallback);
-  if (!forgetSet) return;
-  const response = await api.fetchApi("/unlearn/mark", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ forget_set: forgetSet.trim(), ...image }),
+async function askForgetSet() {
+  const suggested = app.extensionManager.setting.get(SETTING) || "default";
+  const answer = await app.extensionManager.dialog.prompt({
+    title: TITLE,
+    message: "Forget set to add this image to:",
+    defaultValue: suggested,
   });
-  const result = await response.json();
-  const toast = app.extensionManager?.toast;
-  if (!response.ok) {
-    toast?.add({ severity: "error", summary: "Mark as undesired", detail: result.error, life: 6000 });
+  return answer?.trim() || null;
+}
+
+function notify(severity, detail) {
+  app.extensionManager.toast.add({ severity, summary: TITLE, detail, life: severity === "error" ? 8000 : 4000 });
+}
+
+async function mark(image) {
+  const forgetSet = await askForgetSet();
+  if (!forgetSet) return;
+  let response;
+  let result;
+  try {
+    response = await api.fetchApi("/unlearn/mark", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ forget_set: forgetSet, ...image }),
+    });
+    result = await response.json();
+  } catch (error) {
+    notify("error", `The server did not answer: ${error.message ?? error}`);
     return;
   }
-  const detail = result.added
-    ? `Added to forget set "${result.forget_set}" (${result.count} targets).`
-    : `Already in forget set "${result.forget_set}".`;
-  toast?.add({ severity: "success", summary: "Mark as undesired", detail, life: 4000 });
+  if (!response.ok) {
+    notify("error", result?.error ?? `HTTP ${response.status}`);
+    return;
+  }
+  notify(
+    "success",
+    result.added
+      ? `Added to forget set "${result.forget_set}" (${result.count} targets).`
+      : `Already in forget set "${result.forget_set}" (${result.count} targets).`,
+  );
 }
 
 app.registerExtension({
@@ -53,6 +76,6 @@ app.registerExtension({
   getNodeMenuItems(node) {
     const image = shownImage(node);
     if (!image) return [];
-    return [null, { content: "Mark as undesired", callback: () => mark(image) }];
+    return [null, { content: TITLE, callback: () => mark(image) }];
   },
 });
