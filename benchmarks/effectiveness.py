@@ -21,8 +21,13 @@ targets; the chosen rate is the one with the best integrity SSIM among those tha
 sweep target, or, if none does, the one with the lowest mean copy similarity. Ablations use
 ours' chosen rate, so each differs from ours in exactly one thing.
 
-    python benchmarks/effectiveness.py                 # both models, all methods (about 45 min on 2 cores)
+    python benchmarks/effectiveness.py                 # both models, all methods (over an hour per model on 2 cores)
     python benchmarks/effectiveness.py --models flags --methods ours neggrad --quick
+
+Investigating one knob (no sweep; targets reused from an earlier run to skip the flags scan)::
+
+    python benchmarks/effectiveness.py --models flags --methods ours --gamma 2 --learning-rate 1e-3 \
+        --targets-from benchmarks/results/effectiveness_flags.json --targets 3
 """
 
 from __future__ import annotations
@@ -239,6 +244,13 @@ def summarise(runs):
     }
 
 
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=["flags", "shapes"])
@@ -247,6 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-targets", type=int, default=1, help="targets of the learning-rate sweep")
     parser.add_argument("--steps", type=int, default=100, help="equal step budget for every method")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 sweep target, 40 steps (smoke run)")
+    parser.add_argument("--gamma", type=float, default=1.0, help="lambda(t) = t**gamma for ours and its ablations")
+    parser.add_argument("--learning-rate", type=float, help="use this rate for every method instead of the sweep")
+    parser.add_argument("--targets-from", type=Path, help="reuse the targets of an earlier results JSON")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("out/benchmarks/effectiveness.json"))
     args = parser.parse_args(argv)
@@ -254,27 +269,36 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal LoRA values slow CPU kernels many-fold
     n_targets, n_sweep, steps = (2, 1, 40) if args.quick else (args.targets, args.sweep_targets, args.steps)
-    base = UnlearnConfig(steps=steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, gamma=1.0, seed=0)
+    base = UnlearnConfig(steps=steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, gamma=args.gamma, seed=0)
+    earlier = json.loads(args.targets_from.read_text())["models"] if args.targets_from else {}
     lpips_model = load_lpips()
-    results = {"date": time.strftime("%Y-%m-%d"), "steps": steps, "learning_rates": LEARNING_RATES,
+    results = {"date": time.strftime("%Y-%m-%d"), "steps": steps, "gamma": args.gamma,
+               "learning_rates": [args.learning_rate] if args.learning_rate else LEARNING_RATES,
                "thresholds": FORGET_THRESHOLD, "lpips": getattr(lpips_model, "reason", "available"), "models": {}}  # fmt: skip
     for model_name in args.models:
         setup = FlagsSetup() if model_name == "flags" else ShapesSetup()
-        candidates = setup.candidates(n_targets + n_sweep)
-        targets, sweep = candidates[:n_targets], candidates[n_targets:]
+        if model_name in earlier:
+            targets = [tuple(t) for t in earlier[model_name]["targets"][:n_targets]]
+            sweep = [tuple(t) for t in earlier[model_name]["sweep_targets"][:n_sweep]]
+        else:
+            candidates = setup.candidates(n_targets + n_sweep)
+            targets, sweep = candidates[:n_targets], candidates[n_targets:]
         log.info("%s: targets %s, sweep %s", model_name, targets, sweep)
         cache: dict = {}
         table = {}
         for key in args.methods:
             method = METHODS[key]
-            if key in ABLATIONS and "ours" in table:
+            if args.learning_rate:
+                lr, trials = args.learning_rate, "fixed by --learning-rate"
+            elif key in ABLATIONS and "ours" in table:
                 lr, trials = table["ours"]["learning_rate"], "ours' rate"
             else:
                 lr, trials = choose_learning_rate(setup, method, base, sweep, cache, lpips_model)
             runs = [unlearn_one(setup, method, base, lr, t, cache, lpips_model) for t in targets]
             table[key] = {"name": method.name, "learning_rate": lr, "sweep": trials, "summary": summarise(runs), "runs": runs}
             log.info("%s %s lr=%g %s", model_name, method.name, lr, table[key]["summary"])
-        results["models"][model_name] = {"targets": targets, "sweep_targets": sweep, "methods": table}
+            results["models"][model_name] = {"targets": targets, "sweep_targets": sweep, "methods": table}
+            write_json(args.json, results)  # after every method, so a long run stopped early keeps its rows
         print(f"\n### {model_name} ({len(targets)} targets, {steps} steps, forgotten = copy similarity < {FORGET_THRESHOLD[model_name]})\n")
         print("| method | lr | copy sim. to target (lower = forgotten) | forgotten | SSIM (higher better) | PSNR dB | LPIPS | Fréchet (features) |")
         print("|---|---|---|---|---|---|---|---|")
@@ -286,8 +310,6 @@ def main(argv=None) -> int:
             lpips_text = "n/a" if s["lpips"] is None else f"{s['lpips']:.3f}"
             print(f"| {entry['name']} | {entry['learning_rate']:g} | {s['copy_similarity']:.3f} | {s['forgotten_fraction']:.0%} | "
                   f"{s['ssim']:.3f} | {s['psnr']:.1f} | {lpips_text} | {s['frechet']:.3f} |")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
     return 0
 
