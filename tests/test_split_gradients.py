@@ -51,9 +51,10 @@ def test_one_pass_gives_each_halfs_gradient(kind, method):
             x0_hat = denoiser.predict_x0(torch.cat([forget.x_t, remember.x_t]), torch.cat([forget.t, remember.t]),
                                          concat([forget.cond, remember.cond]))  # fmt: skip
             loss = forget.score(x0_hat[:k])[0] + remember.score(x0_hat[k:])[0]
+        recorded = len(halves.down_calls) + halves.up_calls
         got = denoiser.gradient_split.gradients(loss, halves)
 
-    assert len(halves.down_calls) + halves.up_calls == len(params)
+    assert recorded == len(params), "every LoRA layer's call is recorded"
     for want, have in zip(expected, got, strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
