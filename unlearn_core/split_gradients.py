@@ -36,10 +36,10 @@ __all__ = ["LayerGradientSplit", "Halves"]
 
 
 class Halves:
-    """Per-layer weight gradients of the first ``split`` of ``batch`` samples and of the rest."""
+    """Per-layer weight gradients of the first ``split`` samples of the batch and of the rest."""
 
-    def __init__(self, layers: list[nn.Module], split: int, batch: int):
-        self.layers, self.split, self.batch = layers, split, batch
+    def __init__(self, layers: list[nn.Module], split: int):
+        self.layers, self.split = layers, split
         self.grads: list[torch.Tensor | None] = [None] * len(layers)  # (2, *weight.shape) per layer
         self.down_calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer index, input, output)
         self.up_calls = 0
@@ -73,7 +73,7 @@ class LayerGradientSplit:
     @contextlib.contextmanager
     def recording(self, split: int, batch: int) -> Iterator[Halves]:
         """Hook the layers for one forward pass over ``batch`` samples split at ``split``."""
-        halves = Halves(self.layers, split, batch)
+        halves = Halves(self.layers, split)
 
         def hook(index: int, layer: nn.Module):
             def on_forward(module, args, output):

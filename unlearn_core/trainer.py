@@ -117,25 +117,24 @@ def _gradients(
             )  # fmt: skip
             forget_loss, forget_error = forget.score(x0_hat[:k])
             remember_loss, remember_error = remember.score(x0_hat[k:])
-        _check_finite(step, forget_loss, remember_loss)
+        _check_finite(step, forget_loss=forget_loss, remember_loss=remember_loss)
         forget_grad, remember_grad = split.gradients(forget_loss + remember_loss, halves)
         return _Gradients(forget_loss, forget_error, forget_grad, remember_loss, remember_error, remember_grad)
     with autocast():
         forget_loss, forget_error = forget.loss(denoiser)
-    _check_finite(step, forget_loss)
+    _check_finite(step, forget_loss=forget_loss)
     forget_grad = _flat_gradient(forget_loss, params)
     with autocast():
         remember_loss, remember_error = remember.loss(denoiser)
-    _check_finite(step, forget_loss, remember_loss)
+    _check_finite(step, remember_loss=remember_loss)
     remember_grad = _flat_gradient(remember_loss, params)
     return _Gradients(forget_loss, forget_error, forget_grad, remember_loss, remember_error, remember_grad)
 
 
-def _check_finite(step: int, forget_loss: torch.Tensor, remember_loss: torch.Tensor | None = None) -> None:
-    if not torch.isfinite(forget_loss):
-        raise TrainingDiverged(step, "forget loss")
-    if remember_loss is not None and not torch.isfinite(remember_loss):
-        raise TrainingDiverged(step, "remember loss")
+def _check_finite(step: int, **losses: torch.Tensor) -> None:
+    for name, loss in losses.items():
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(step, name.replace("_", " "))
 
 
 def train_unlearning(
