@@ -28,6 +28,14 @@ def import_pack(name: str = "instance_unlearn"):
 import_pack()
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class NanGradient(torch.autograd.Function):
     """The identity forward; a NaN gradient backward (the loss stays finite), for fault tests."""
 

@@ -5,11 +5,9 @@ the growth between step 100 (after warm-up) and step 1,000. A leak of one object
 tensor per step would exceed the bounds several times over.
 """
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import ROOT
+from conftest import load_benchmark
 
 STEPS = 1000
 RSS_GROWTH_MIB = 16  # allocator noise is a few MiB; a leaked (1, 4, 4, 4) activation graph per step is far more
@@ -19,10 +17,7 @@ OBJECTS_TOTAL = 400
 
 @pytest.fixture
 def long_run():
-    spec = importlib.util.spec_from_file_location("long_run", ROOT / "benchmarks" / "long_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("long_run")
 
 
 def test_a_thousand_steps_keep_memory_and_objects_flat(long_run):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -50,7 +49,6 @@ __all__ = [
     "FlagClassifier",
     "load_flags_classifier",
     "classify_flags",
-    "remember_and_forget_for_speed",
 ]
 
 log = logging.getLogger(__name__)
@@ -387,21 +385,3 @@ def classify_flags(classifier: FlagClassifier, images: torch.Tensor) -> tuple[to
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def remember_and_forget_for_speed(model: torch.nn.Module, process, n_remember: int = 16):
-    """A small flags :class:`UnlearnData` for timing: two varied "ireland" targets with noisy
-    surrogates, and a balanced remember set of drawn flags. No sampling is involved."""
-    from .data import ForgetTargets, RememberSet, UnlearnData
-
-    del model, process  # the data only has to match the model's input; drawing is enough
-    generator = torch.Generator().manual_seed(0)
-    ireland = FLAG_CLASSES.index("ireland")
-    targets = torch.stack([draw_flag("ireland", generator) for _ in range(2)])
-    surrogates = (targets + 0.2 * torch.randn(targets.shape, generator=generator)).clamp(-1, 1)
-    remember, labels = flag_dataset(max(1, math.ceil(n_remember / len(FLAG_CLASSES))), seed=1)
-    remember, labels = remember[:n_remember], labels[:n_remember]
-    return UnlearnData(
-        ForgetTargets(targets, surrogates, flags_conditioning([ireland, ireland])),
-        RememberSet(remember, flags_conditioning(labels)),
-    )

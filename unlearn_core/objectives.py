@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 
-
 def denoising_loss(
     denoiser: Denoiser,
     process: ForwardProcess,

@@ -1,0 +1,33 @@
+"""The benchmark scripts still run (a few steps each); their numbers are printed, never asserted."""
+
+import json
+import math
+
+import pytest
+from conftest import load_benchmark
+
+from unlearn_core import UnlearnConfig
+from unlearn_core.pipeline import DemoSettings
+
+
+@pytest.fixture
+def speed():
+    return load_benchmark("speed")
+
+
+def test_speed_benchmark_writes_one_row_per_model(speed, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert speed.main(["--models", "tiny-sd3", "--steps", "1", "--repeats", "2", "--skip-demo", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "tiny-sd3" and len(row["ratios"]) == 2
+    assert all(math.isfinite(row[key]) and row[key] > 0 for key in ("plain_step_s", "unlearn_step_s", "ratio", "two_pass_ratio"))
+    assert row["plain_saved_mb"] > 0 and result["demo_training"] is None
+    assert "| tiny-sd3 | 8 | 8 |" in capsys.readouterr().out
+
+
+def test_demo_training_is_timed_with_the_demo_settings(speed):
+    config = UnlearnConfig(steps=2, learning_rate=1e-3, lora_rank=2, forget_batch_size=2, remember_batch_size=3)
+    timed = speed.demo_training_seconds(DemoSettings(config=config))
+    assert (timed["steps"], timed["forget_batch"], timed["remember_batch"], timed["rank"]) == (2, 2, 3, 2)
+    assert timed["seconds"] > 0
