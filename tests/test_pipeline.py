@@ -38,17 +38,26 @@ def test_demo_takes_a_named_target(tmp_path):
     assert report["target"]["prompt"] == "ireland" and report["target"]["seed"] == 5
 
 
-def test_cli_exits_1_when_the_demo_checks_fail(tmp_path, monkeypatch):
-    """Exit code 2 (bad input) is covered by the tables in tests/test_bad_inputs.py."""
+def quick_cli_demo(monkeypatch, **fixed):
+    """Make ``unlearn demo`` run the shortened settings (plus ``fixed``) under its own options."""
     import unlearn_core.pipeline as pipeline
 
     original = pipeline.DemoSettings
+    monkeypatch.setattr(pipeline, "DemoSettings", lambda **kwargs: original(**{**QUICK, **kwargs, **fixed}))
 
-    def strict(**kwargs):  # impossible thresholds: the demo's own checks must fail -> exit 1
-        return original(**{**QUICK, **kwargs, "forget_threshold": -1.0})
 
-    monkeypatch.setattr(pipeline, "DemoSettings", strict)
+def test_cli_exits_1_when_the_demo_checks_fail(tmp_path, monkeypatch):
+    """Exit code 2 (bad input) is covered by the tables in tests/test_bad_inputs.py."""
+    quick_cli_demo(monkeypatch, forget_threshold=-1.0)  # an impossible threshold: the demo's check fails -> exit 1
     assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 1
+
+
+def test_cli_demo_options_reach_the_training_config(tmp_path, monkeypatch):
+    quick_cli_demo(monkeypatch, forget_threshold=2.0, integrity_ssim_min=-1.0)  # checks that always pass
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--gamma", "4"]) == 0
+    config = json.loads(load_lora(tmp_path / "unlearn_lora.safetensors").metadata["unlearn.config"])
+    assert (config["steps"], config["gamma"]) == (2, 4.0)
+    assert config["learning_rate"] == QUICK["config"].learning_rate  # everything else stays the demo's
 
 
 def test_provider_job_on_a_diffusers_model_folder(tmp_path):

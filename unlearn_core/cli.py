@@ -40,7 +40,8 @@ class _ProgressBar:
 def _demo(args) -> int:
     from .pipeline import DemoSettings, run_demo
 
-    config = UnlearnConfig(**{**DemoSettings().config.to_dict(), **({"steps": args.steps} if args.steps is not None else {})})
+    overrides = {name: value for name, value in (("steps", args.steps), ("gamma", args.gamma)) if value is not None}
+    config = UnlearnConfig(**{**DemoSettings().config.to_dict(), **overrides})
     settings = DemoSettings(target=args.target, surrogate=args.surrogate, strength=args.strength, config=config)
     report = run_demo(args.out, settings, callback=_ProgressBar("unlearning"))
     evaluation = report["evaluation"]
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="repaint the outer bands (default) or SDEdit the whole flag")
     demo.add_argument("--strength", type=float, default=1.0, help="surrogate edit strength (0.3-0.7 for sdedit)")
     demo.add_argument("--steps", type=int, help="training steps (default from the demo settings)")
+    demo.add_argument("--gamma", type=float, help="exponent of lambda(t) = t^gamma (default 1; 4 keeps other seeds closer here)")
     demo.set_defaults(handler=_demo)
     run = commands.add_parser("run", help="unlearn on your own diffusers model, described by a JSON job file")
     run.add_argument("config", help="job file (see README: 'Your own model')")

@@ -40,7 +40,8 @@ class UnlearnConfig:
     forget_batch_size: int = _help("forget samples (noise draws of the targets) per step", default=4)
     remember_batch_size: int = _help("remember samples per step", default=4)
     weighting: str = _help("lambda(t) schedule: power (t^gamma) or constant", default="power")
-    gamma: float = _help("exponent of the power schedule; larger forgets only at high noise", default=1.0)
+    gamma: float = _help("exponent of the power schedule; larger forgets only at high noise and keeps more of the "
+                         "rest, but can forget less (README: the weighting exponent)", default=1.0)  # fmt: skip
     constant_lambda: float = _help("lambda for the constant schedule", default=0.5)
     surgery: str = _help("gradient surgery: project_forget (ours), none, pcgrad_both", default="project_forget")
     seed: int = _help("seed for every random draw of training", default=0)
@@ -70,7 +71,7 @@ class UnlearnConfig:
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise InputError(f"lora_alpha={self.lora_alpha} must be positive (or None for alpha = rank)")
         if not (math.isfinite(self.gamma) and 0 <= self.gamma <= 20):
-            raise InputError(f"gamma={self.gamma} must lie in [0, 20]; 0 to 3 is the useful range")
+            raise InputError(f"gamma={self.gamma} must lie in [0, 20]; 1 to 4 is the useful range")
         if not 0 <= self.constant_lambda <= 1:
             raise InputError(f"constant_lambda={self.constant_lambda} must lie in [0, 1]")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
