@@ -90,10 +90,10 @@ def demo_training_seconds(settings=None) -> dict:
     from unlearn_core.pipeline import DemoSettings
 
     settings = settings or DemoSettings()
+    config = settings.config
     model, process = load_flags_model()
     n_remember = settings.remember_same_prompt + settings.remember_per_other_class * (len(FLAG_CLASSES) - 1)
-    outcome = unlearn_diffusers(model, process, flags_data(1, n_remember), settings.config)
-    config = settings.config
+    outcome = unlearn_diffusers(model, process, flags_data(1, n_remember), config)
     return {"steps": config.steps, "forget_batch": config.forget_batch_size, "remember_batch": config.remember_batch_size,
             "rank": config.lora_rank, "seconds": outcome.training.seconds}  # fmt: skip
 

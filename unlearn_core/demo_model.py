@@ -382,6 +382,3 @@ def classify_flags(classifier: FlagClassifier, images: torch.Tensor) -> tuple[to
     probs = classifier(((images.float() + 1) / 2).clamp(0, 1)).softmax(dim=1)
     confidence, labels = probs.max(dim=1)
     return labels, confidence
-
-
-# --------------------------------------------------------------------------- helpers
