@@ -79,7 +79,9 @@ class BuildSurrogate(io.ComfyNode):
                 io.Float.Input("noise_std", default=0.1, min=0.0, max=2.0, step=0.01, tooltip="Latent noise of the 'noise' ablation surrogate."),
                 io.Conditioning.Input("edit_conditioning", optional=True,
                                       tooltip="Optional edit prompt (e.g. the same prompt with the fix spelled out); defaults to the target's own conditioning."),
-                io.Conditioning.Input("negative", optional=True, tooltip="Optional negative conditioning; defaults to a zeroed prompt."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Optional negative conditioning; defaults to the target's recorded negative "
+                                              "(a zeroed prompt when none was recorded)."),
                 io.Image.Input("edited_image", optional=True,
                                tooltip="Your corrected version(s) of the target(s) for method=edited_image, one per target, same size."),
             ],  # fmt: skip
@@ -106,6 +108,7 @@ class BuildSurrogate(io.ComfyNode):
         for index, target in enumerate(targets.targets):
             latent = target_latent(target, vae)
             positive = edit_conditioning or target.conditioning
+            target_negative = negative if negative is not None else target.negative
             needs_sampler = method in ("sdedit", "inpaint")
             if needs_sampler and positive is None:
                 raise InputError(
@@ -114,11 +117,11 @@ class BuildSurrogate(io.ComfyNode):
                 )
             surrogate_image = None
             if method == "sdedit":
-                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, negative,
+                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, target_negative,
                                          latent, denoise=strength)  # fmt: skip
             elif method == "inpaint":
                 mask = target.mask.reshape(1, 1, *target.mask.shape)
-                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, negative,
+                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, target_negative,
                                          latent, denoise=strength, noise_mask=mask)  # fmt: skip
             elif method == "edited_image":
                 edited = edited_image[index]

@@ -63,13 +63,16 @@ class HostProcess(ForwardProcess):
 
     Noise fraction t is sigma itself for flow models (as in SD3) and the timestep fraction for
     discrete eps/v models. The denoiser returns x0 directly, so the native output *is* x0 and
-    the loss weight is 1 / sigma^2 (velocity MSE for flow, epsilon MSE for eps models).
+    the loss weight makes the x0 error the native MSE: 1 / sigma^2 for flow (velocity) and eps
+    models, (1 + sigma^2) / sigma^2 for v-prediction. Training noise levels follow the core's
+    processes: the shifted flow schedule clamped at 0.02, and for discrete models every
+    timestep 1..T with equal probability (as :class:`~unlearn_core.process.DDPMEpsilon`).
     """
 
     def __init__(self, model_sampling, family: str):
         self.model_sampling = model_sampling
         self.family = family
-        self.t_min = 0.02
+        self.t_min = 0.02 if family == "flow" else 1.0 / len(model_sampling.sigmas)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         if self.family == "flow":
@@ -92,7 +95,7 @@ class HostProcess(ForwardProcess):
             sigma = torch.tensor([float(self.model_sampling.percent_to_sigma(1 - float(v))) for v in u])
             return sigma.clamp(min=self.t_min, max=1.0)
         steps = len(self.model_sampling.sigmas)
-        return (torch.randint(1, steps + 1, (n,), generator=generator).float() / steps).clamp(min=self.t_min)
+        return torch.randint(1, steps + 1, (n,), generator=generator).float() / steps
 
     def sampling_ts(self, steps, start=1.0):
         raise NotImplementedError("ComfyUI models are sampled with ComfyUI's own samplers")
@@ -107,7 +110,8 @@ class HostProcess(ForwardProcess):
         return x0
 
     def x0_loss_weight(self, t):
-        return 1.0 / self.sigma(t).clamp_min(1e-3) ** 2
+        sigma_sq = self.sigma(t).clamp_min(1e-3) ** 2
+        return (1.0 + sigma_sq) / sigma_sq if self.family == "v" else 1.0 / sigma_sq
 
 
 class PatcherDenoiser:
@@ -151,6 +155,25 @@ def conditioning_tensors(patcher, conditioning, n: int, latent: torch.Tensor) ->
         tensor = tensor.detach().clone().to(latent.device)
         tensors[key] = tensor[:1].expand(n, *tensor.shape[1:]).clone() if len(tensor) != n else tensor
     return tensors
+
+
+def conditioning_to_store(conditioning, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a CONDITIONING (text tokens and pooled output) under flat names, for a file."""
+    if not conditioning:
+        return {}
+    tensor, extra = conditioning[0][0], conditioning[0][1]
+    tensors = {f"{prefix}cross_attn": tensor}
+    if isinstance(extra.get("pooled_output"), torch.Tensor):
+        tensors[f"{prefix}pooled_output"] = extra["pooled_output"]
+    return tensors
+
+
+def conditioning_from_store(tensors: dict[str, torch.Tensor] | None, prefix: str = ""):
+    """The CONDITIONING stored by :func:`conditioning_to_store` (None when there is none)."""
+    if not tensors or f"{prefix}cross_attn" not in tensors:
+        return None
+    pooled = tensors.get(f"{prefix}pooled_output")
+    return [[tensors[f"{prefix}cross_attn"], {} if pooled is None else {"pooled_output": pooled}]]
 
 
 def process_latent_in(patcher, samples: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import safe_name
 from ..unlearn_core.forget_set import check_target
-from . import provenance
+from . import host, provenance
 from .targets import Target, TargetsType, UnlearnTargets, store
 
 
@@ -58,21 +58,7 @@ def _check_latent_size(samples: torch.Tensor, height: int, width: int) -> None:
         )
 
 
-def _conditioning_tensors(conditioning) -> dict[str, torch.Tensor] | None:
-    if not conditioning:
-        return None
-    tensor, extra = conditioning[0][0], conditioning[0][1]
-    tensors = {"cross_attn": tensor}
-    if isinstance(extra.get("pooled_output"), torch.Tensor):
-        tensors["pooled_output"] = extra["pooled_output"]
-    return tensors
-
-
-def _conditioning_from(tensors: dict[str, torch.Tensor] | None):
-    if not tensors:
-        return None
-    extra = {"pooled_output": tensors["pooled_output"]} if "pooled_output" in tensors else {}
-    return [[tensors["cross_attn"], extra]]
+NEGATIVE = "negative."  # stored name prefix of the negative conditioning's tensors
 
 
 class MarkUndesiredOutput(io.ComfyNode):
@@ -102,6 +88,9 @@ class MarkUndesiredOutput(io.ComfyNode):
                               tooltip="Optional undesired region (1 = undesired) at the image size; enables inpaint surrogates."),
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="The conditioning that produced the images (context for training; never the selector)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The sampler's negative conditioning. Connect it whenever cfg > 1: regenerating "
+                                              "the target (remember set, Preserve Check) must replay it exactly."),
             ],  # fmt: skip
             outputs=[
                 TargetsType.Output(display_name="targets", tooltip="Every target of the forget set, ready for Build Surrogate."),
@@ -111,7 +100,8 @@ class MarkUndesiredOutput(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, forget_set, indices, images=None, latent=None, mask=None, conditioning=None) -> io.NodeOutput:
+    def execute(cls, forget_set, indices, images=None, latent=None, mask=None, conditioning=None,
+                negative=None) -> io.NodeOutput:  # fmt: skip
         forget_store = store()
         folder_name = safe_name(forget_set, "forget-set name")
         if images is not None:
@@ -123,14 +113,14 @@ class MarkUndesiredOutput(io.ComfyNode):
             if samples is not None:
                 _check_latent_size(samples, height, width)
             origin = provenance.from_prompt(cls.hidden.prompt, cls.hidden.unique_id)
-            cond_tensors = _conditioning_tensors(conditioning)
+            cond_tensors = {**host.conditioning_to_store(conditioning), **host.conditioning_to_store(negative, NEGATIVE)}
             chosen_inputs = [(index, images[index], None if samples is None else samples[index],
                               _mask_for(mask, index, height, width)) for index in chosen]  # fmt: skip
             for _, image, sample, image_mask in chosen_inputs:  # check every chosen output before storing any
                 check_target(image, sample, image_mask)
             for index, image, sample, image_mask in chosen_inputs:
-                forget_store.add(folder_name, image, latent=sample, mask=image_mask,
-                                 provenance={**origin, "batch_index": index}, conditioning=cond_tensors)  # fmt: skip
+                forget_store.add(folder_name, image, latent=sample, mask=image_mask, conditioning=cond_tensors or None,
+                                 provenance={**origin, "batch_index": index, "negative_recorded": negative is not None})  # fmt: skip
         records = forget_store.records(folder_name)
         if not records:
             raise InputError(
@@ -139,13 +129,15 @@ class MarkUndesiredOutput(io.ComfyNode):
             )
         targets = []
         for record in records:
-            stored_cond = _conditioning_from(forget_store.load_conditioning(folder_name, record))
+            stored = forget_store.load_conditioning(folder_name, record)
+            stored_negative = host.conditioning_from_store(stored, NEGATIVE)
             targets.append(Target(
                 id=record.id,
                 image=forget_store.load_image(folder_name, record),
                 latent=forget_store.load_latent(folder_name, record),
                 mask=forget_store.load_mask(folder_name, record),
-                conditioning=stored_cond or conditioning,
+                conditioning=host.conditioning_from_store(stored) or conditioning,
+                negative=stored_negative if stored_negative is not None or stored else negative,
                 provenance=record.provenance,
             ))  # fmt: skip
         return io.NodeOutput(UnlearnTargets(folder_name, targets), preview_batch([t.image for t in targets]))

@@ -14,12 +14,18 @@ from comfy_api.latest import io, ui
 
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import atomic_write_text, safe_child
-from ..unlearn_core.metrics import Unavailable, compare_images, load_lpips, ssim
-from . import host
+from ..unlearn_core.metrics import (
+    SAME_OUTPUT_SSIM,
+    Unavailable,
+    compare_images,
+    judge_forgetting,
+    load_lpips,
+    ssim,
+)
+from ..unlearn_core.seeds import preserve_seeds as held_out_seeds
+from . import host, provenance
 from .targets import TargetsType
 from .unlearn_lora import lora_path, sampling_settings
-
-HELD_OUT_OFFSET = 1000  # preserve seeds start here, beyond the seeds training remembered
 
 
 def _batch(images: torch.Tensor) -> torch.Tensor:
@@ -40,10 +46,11 @@ def _clip_similarity(clip_vision, a: torch.Tensor, b: torch.Tensor) -> list[floa
     return F.cosine_similarity(embed_a.float(), embed_b.float(), dim=-1).tolist()
 
 
-def _generate(model, vae, settings: dict, seed: int, conditioning, latent_shape, batch_index: int = 0) -> torch.Tensor:
+def _generate(model, vae, settings: dict, seed: int, target, conditioning, latent_shape, batch_index: int = 0) -> torch.Tensor:
+    """One regeneration with the target's recorded settings and negative (replayed exactly)."""
     empty = torch.zeros(1, *latent_shape)
     samples = host.ksample(model, seed, settings["steps"], settings["cfg"], settings["sampler_name"],
-                           settings["scheduler"], conditioning, None, empty, batch_index=batch_index)  # fmt: skip
+                           settings["scheduler"], conditioning, target.negative, empty, batch_index=batch_index)  # fmt: skip
     return host.decode(vae, samples)
 
 
@@ -67,6 +74,17 @@ def _report_path(lora_name: str, forget_set: str) -> Path:
     return safe_child(reports, f"{forget_set}_{stamp}", ".json", what="report name")
 
 
+def _verdict_text(summary: dict, forget_rows: list[dict]) -> str:
+    """One line a user reads first: forgetting (or why it cannot be told), then integrity."""
+    if summary["cannot_verify"]:
+        first = next(r["note"] for r in forget_rows if r["forgotten"] is None)
+        forgetting = f"{summary['cannot_verify']} of {len(forget_rows)} target(s): {first}"
+    else:
+        forgetting = f"forgotten: {summary['forgotten']}"
+    integrity = "integrity passed" if summary["integrity_passed"] else "integrity failed"
+    return f"{forgetting}; {integrity} (mean preserve SSIM {summary['mean_preserve_ssim']:.3f})"
+
+
 class PreserveCheck(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -75,11 +93,13 @@ class PreserveCheck(io.ComfyNode):
             display_name="Preserve Check",
             category="unlearn/evaluation",
             description=(
-                "Regenerates every target (its recorded seed and settings) and a preserve set (held-out "
-                "seeds of the same prompts, plus optional extra prompts) with the base and the "
-                "unlearned model. Reports forgetting (SSIM of the new output to the target: lower is "
-                "more forgotten) and integrity (SSIM/PSNR/LPIPS between base and unlearned outputs), "
-                "passes or fails against the thresholds, and saves a JSON report beside the LoRA."
+                "Regenerates every target (its recorded seed, settings and negative) and a preserve set "
+                "(held-out seeds of the same prompts, plus optional extra prompts) with the base and the "
+                "unlearned model. First proves that the base model reproduces each target; a target it "
+                "does not reproduce is reported as 'cannot verify' (with the reason), never as forgotten. "
+                "Reports forgetting (SSIM of the new output to the target: lower is more forgotten) and "
+                "integrity (SSIM/PSNR/LPIPS between base and unlearned outputs), passes or fails against "
+                "the thresholds, and saves a JSON report beside the LoRA."
             ),
             inputs=[
                 io.Model.Input("base_model", tooltip="The original model."),
@@ -128,33 +148,35 @@ class PreserveCheck(io.ComfyNode):
             seed = target.provenance.get("seed")
             if seed is not None:
                 index_in_batch = int(target.provenance.get("batch_index", 0))
-                base = _generate(base_model, vae, settings, int(seed), target.conditioning, shape, index_in_batch)
-                unlearned = _generate(unlearned_model, vae, settings, int(seed), target.conditioning, shape, index_in_batch)
+                base = _generate(base_model, vae, settings, int(seed), target, target.conditioning, shape, index_in_batch)
+                unlearned = _generate(unlearned_model, vae, settings, int(seed), target, target.conditioning, shape, index_in_batch)
                 reference = target.image.unsqueeze(0)
-                row = {
-                    "target": target.id, "seed": int(seed),
-                    "ssim_unlearned_to_target": float(ssim(_batch(_resize_to(unlearned, reference)), _batch(reference))),
-                    "ssim_base_to_target": float(ssim(_batch(_resize_to(base, reference)), _batch(reference))),
-                }  # fmt: skip
-                row["forgotten"] = row["ssim_unlearned_to_target"] <= forget_threshold
+                verdict = judge_forgetting(
+                    float(ssim(_batch(_resize_to(base, reference)), _batch(reference))),
+                    float(ssim(_batch(_resize_to(unlearned, reference)), _batch(reference))),
+                    forget_threshold, SAME_OUTPUT_SSIM, provenance.replay_problems(target.provenance),
+                )  # fmt: skip
+                row = {"target": target.id, "seed": int(seed), "measure": "ssim",
+                       "ssim_unlearned_to_target": verdict.unlearned_similarity,
+                       "ssim_base_to_target": verdict.base_similarity,
+                       "reproduced": verdict.reproduced, "forgotten": verdict.forgotten, "note": verdict.reason}  # fmt: skip
                 if clip_vision is not None:
                     row["clip_unlearned_to_target"] = _clip_similarity(clip_vision, unlearned, reference)[0]
                 forget_rows.append(row)
                 top.append(base)
                 bottom.append(unlearned)
             else:
-                forget_rows.append({"target": target.id, "seed": None, "forgotten": None,
-                                    "note": "no recorded seed: the target cannot be regenerated"})  # fmt: skip
+                forget_rows.append({"target": target.id, "seed": None, "reproduced": False, "forgotten": None,
+                                    "note": "cannot verify forgetting: no recorded seed, the target cannot be regenerated"})  # fmt: skip
             prompts = [("target", target.conditioning)]
             if extra_conditioning is not None and index == 0:
                 prompts.append(("extra", extra_conditioning))
-            base_seed = int(seed or 0) + HELD_OUT_OFFSET
             for kind, conditioning in prompts:
-                for offset in range(preserve_seeds):
-                    base = _generate(base_model, vae, settings, base_seed + offset, conditioning, shape)
-                    unlearned = _generate(unlearned_model, vae, settings, base_seed + offset, conditioning, shape)
+                for held_out in held_out_seeds(int(seed or 0), preserve_seeds):
+                    base = _generate(base_model, vae, settings, held_out, target, conditioning, shape)
+                    unlearned = _generate(unlearned_model, vae, settings, held_out, target, conditioning, shape)
                     scores = compare_images(_batch(base), _batch(unlearned), lpips_model)
-                    row = {"prompt": kind, "target": target.id, "seed": base_seed + offset,
+                    row = {"prompt": kind, "target": target.id, "seed": held_out,
                            "ssim": scores["ssim"][0], "psnr": scores["psnr"][0],
                            "lpips": scores["lpips"][0] if isinstance(scores["lpips"], list) else None}  # fmt: skip
                     if clip_vision is not None:
@@ -163,10 +185,13 @@ class PreserveCheck(io.ComfyNode):
                     top.append(base)
                     bottom.append(unlearned)
         judged = [r["forgotten"] for r in forget_rows if r["forgotten"] is not None]
+        unverified = [r for r in forget_rows if r["forgotten"] is None]
         mean_ssim = statistics.fmean(r["ssim"] for r in preserve_rows)
         summary = {
-            "forgotten": f"{sum(judged)}/{len(judged)}",
-            "forgetting_passed": bool(judged) and all(judged),
+            "forgotten": f"{sum(judged)}/{len(forget_rows)}",
+            "cannot_verify": len(unverified),
+            # a target that cannot be verified is never counted as forgotten
+            "forgetting_passed": bool(judged) and all(judged) and not unverified,
             "mean_preserve_ssim": mean_ssim,
             "mean_preserve_psnr": statistics.fmean(r["psnr"] for r in preserve_rows),
             "mean_preserve_lpips": (statistics.fmean(r["lpips"] for r in preserve_rows)
@@ -175,6 +200,7 @@ class PreserveCheck(io.ComfyNode):
             "thresholds": {"forget_ssim_at_most": forget_threshold, "integrity_ssim_at_least": integrity_threshold},
         }
         summary["passed"] = summary["forgetting_passed"] and summary["integrity_passed"]
+        summary["verdict"] = _verdict_text(summary, forget_rows)
         report = {"forget_set": targets.forget_set, "lora_name": lora_name, "summary": summary,
                   "targets": forget_rows, "preserve": preserve_rows}  # fmt: skip
         text = json.dumps(report, indent=2)

@@ -72,7 +72,8 @@ def from_prompt(prompt: dict | None, node_id: str | None, input_name: str = "ima
         return {"source_node": source, "source_class": prompt.get(source, {}).get("class_type")}
     sampler_id, sampler = found
     inputs = sampler.get("inputs", {})
-    result = {"sampler_node": sampler_id, "sampler_class": sampler.get("class_type")}
+    result = {"sampler_node": sampler_id, "sampler_class": sampler.get("class_type"),
+              "negative_linked": _link(inputs.get("negative")) is not None}  # fmt: skip
     for field in SAMPLER_FIELDS:
         if field in inputs:
             value = _resolve(prompt, inputs[field])
@@ -84,3 +85,24 @@ def from_prompt(prompt: dict | None, node_id: str | None, input_name: str = "ima
             if field in loader[1].get("inputs", {}):
                 result["model"] = _resolve(prompt, loader[1]["inputs"][field])
     return result
+
+
+def replay_problems(provenance: dict) -> list[str]:
+    """What keeps a regeneration from its seed from replaying the marked output, as far as the
+    recorded provenance tells (the base model's regeneration is the proof; this says why not)."""
+    problems = []
+    if provenance.get("seed") is None:
+        problems.append("no seed was recorded (marked without its sampler graph)")
+    cfg = provenance.get("cfg")
+    if not provenance.get("negative_recorded") and provenance.get("negative_linked") and cfg not in (None, 1, 1.0):
+        problems.append(
+            f"the sampler used a negative prompt at cfg {cfg} that was not recorded: connect the sampler's "
+            "negative conditioning to Mark Undesired Output, then mark the output again (in a new forget set, "
+            "or after removing it from this one)"
+        )
+    denoise = provenance.get("denoise")
+    if denoise is not None and float(denoise) < 1.0:
+        problems.append(f"the sampler ran at denoise {denoise} from an input image, which a seed alone cannot replay")
+    if provenance.get("sampler_class") not in (None, "KSampler", "KSamplerAdvanced"):
+        problems.append(f"it came from {provenance['sampler_class']}, whose settings are replayed as a KSampler's")
+    return problems

@@ -28,7 +28,8 @@ class Target:
     image: torch.Tensor  # (H, W, 3) in [0, 1]
     latent: torch.Tensor | None = None  # (C, h, w) raw LATENT samples, when known
     mask: torch.Tensor | None = None  # (H, W) in [0, 1], 1 = undesired region
-    conditioning: list | None = None  # the CONDITIONING that produced it
+    conditioning: list | None = None  # the positive CONDITIONING that produced it
+    negative: list | None = None  # the sampler's negative CONDITIONING, when it was recorded
     provenance: dict = field(default_factory=dict)
     surrogate_latent: torch.Tensor | None = None
     surrogate_image: torch.Tensor | None = None

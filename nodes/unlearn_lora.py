@@ -16,6 +16,7 @@ from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import safe_child, tensor_hash
 from ..unlearn_core.lora import parse_state_dict, reproduction_metadata, save_lora
 from ..unlearn_core.objectives import OBJECTIVES
+from ..unlearn_core.seeds import MAX_REMEMBER, remember_seeds
 from ..unlearn_core.surgery import SURGERY_MODES
 from ..unlearn_core.trainer import train_unlearning
 from ..unlearn_core.weighting import WEIGHTINGS
@@ -38,12 +39,6 @@ def sampling_settings(target: Target, steps: int) -> dict:
     return settings
 
 
-def remember_seeds(target: Target, count: int) -> list[int]:
-    """Other seeds of the same prompt: the target's seed + 1, + 2, ... (never the target's own)."""
-    base = int(target.provenance.get("seed", 0) or 0)
-    return [(base + 1 + i) % 0xFFFFFFFFFFFFFFFF for i in range(count)]
-
-
 def generate_remember(model, targets: UnlearnTargets, count: int, steps: int) -> tuple[torch.Tensor, list]:
     """Remember set from the base model: each target's conditioning with other seeds."""
     per_target = [count // len(targets) + (1 if i < count % len(targets) else 0) for i in range(len(targets))]
@@ -53,9 +48,9 @@ def generate_remember(model, targets: UnlearnTargets, count: int, steps: int) ->
             continue
         settings = sampling_settings(target, steps)
         empty = torch.zeros_like(target.latent).unsqueeze(0)
-        for seed in remember_seeds(target, n):
+        for seed in remember_seeds(int(target.provenance.get("seed", 0) or 0), n):
             sample = host.ksample(model, seed, settings["steps"], settings["cfg"], settings["sampler_name"],
-                                  settings["scheduler"], target.conditioning, None, empty)  # fmt: skip
+                                  settings["scheduler"], target.conditioning, target.negative, empty)  # fmt: skip
             latents.append(sample)
             conditionings.append(target.conditioning)
     return torch.cat(latents), conditionings
@@ -133,7 +128,7 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                 io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
                 io.Int.Input("forget_batch_size", default=4, min=1, max=64, tooltip="Noise draws of the targets per step."),
                 io.Int.Input("remember_batch_size", default=4, min=1, max=64, tooltip="Remember samples per step."),
-                io.Int.Input("remember_count", default=32, min=1, max=1000,
+                io.Int.Input("remember_count", default=32, min=1, max=MAX_REMEMBER,
                              tooltip="Remember samples to generate per run when no remember_latents are given (the paper used 100)."),
                 io.Int.Input("remember_steps", default=20, min=1, max=200, tooltip="Sampler steps for generating the remember set when a target has no recorded steps."),
                 io.Combo.Input("weighting", options=list(WEIGHTINGS), default="power",

@@ -49,3 +49,18 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     features = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     assert abs(frechet_distance(features, features)) < 1e-6
     assert frechet_distance(features, features + 0.5) > frechet_distance(features, features + 0.1) > 0
+
+
+def test_forgetting_is_judged_only_when_the_base_model_reproduces_the_target():
+    from unlearn_core.metrics import judge_forgetting
+
+    kept = judge_forgetting(0.9999, 0.98, forget_threshold=0.7, same_output_level=0.9)
+    assert kept.reproduced and kept.forgotten is False and kept.reason.startswith("not forgotten")
+    gone = judge_forgetting(0.9999, 0.4, forget_threshold=0.7, same_output_level=0.9)
+    assert gone.reproduced and gone.forgotten is True
+    # a base model that does not reproduce the target looks "forgotten" whatever the LoRA did
+    vacuous = judge_forgetting(0.33, 0.33, forget_threshold=0.7, same_output_level=0.9,
+                               why_not_reproduced=["the negative was not recorded"])  # fmt: skip
+    assert vacuous.reproduced is False and vacuous.forgotten is None
+    assert vacuous.reason.startswith("cannot verify forgetting") and "the negative was not recorded" in vacuous.reason
+    assert vacuous.as_dict()["forgotten"] is None

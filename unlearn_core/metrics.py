@@ -34,6 +34,9 @@ __all__ = [
     "TorchScriptCopyDetector",
     "copy_similarity",
     "compare_images",
+    "SAME_OUTPUT_SSIM",
+    "ForgettingVerdict",
+    "judge_forgetting",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,3 +171,49 @@ def compare_images(a: torch.Tensor, b: torch.Tensor, lpips_model=None) -> dict[s
     else:
         result["lpips"] = lpips_distance(lpips_model, a, b).tolist()
     return result
+
+
+#: SSIM at which a regeneration counts as the same output: replaying the recorded settings on the
+#: same model gives about 0.9999; a different negative prompt or cfg gives about 0.3 (COMFYUI.md).
+SAME_OUTPUT_SSIM = 0.9
+
+
+@dataclass(frozen=True)
+class ForgettingVerdict:
+    """Whether one target is forgotten, and whether that can be told at all.
+
+    Forgetting is only meaningful when the *base* model, replaying the target's recorded settings,
+    reproduces the target: otherwise the unlearned model's output differs from the target
+    whatever the LoRA did, and ``forgotten`` is None with the reason.
+    """
+
+    base_similarity: float
+    unlearned_similarity: float
+    reproduced: bool
+    forgotten: bool | None
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"similarity_base_to_target": self.base_similarity, "similarity_unlearned_to_target": self.unlearned_similarity,
+                "reproduced": self.reproduced, "forgotten": self.forgotten, "reason": self.reason}  # fmt: skip
+
+
+def judge_forgetting(
+    base_similarity: float,
+    unlearned_similarity: float,
+    forget_threshold: float,
+    same_output_level: float,
+    why_not_reproduced: list[str] | None = None,
+) -> ForgettingVerdict:
+    """The verdict from two similarities to the target (the same measure for both): the base
+    model's regeneration must reach ``same_output_level``; the target is then forgotten when the
+    unlearned model's regeneration is at most ``forget_threshold``."""
+    if base_similarity < same_output_level:
+        causes = "; ".join(why_not_reproduced or []) or "the model, the sampler settings or the host differ from those that made it"
+        reason = (f"cannot verify forgetting: the base model does not reproduce this target (similarity "
+                  f"{base_similarity:.3f} < {same_output_level:g}); {causes}")  # fmt: skip
+        return ForgettingVerdict(base_similarity, unlearned_similarity, False, None, reason)
+    forgotten = unlearned_similarity <= forget_threshold
+    reason = (f"{'forgotten' if forgotten else 'not forgotten'}: the unlearned model's regeneration has similarity "
+              f"{unlearned_similarity:.3f} {'<=' if forgotten else '>'} {forget_threshold:g} (the base model's: {base_similarity:.3f})")  # fmt: skip
+    return ForgettingVerdict(base_similarity, unlearned_similarity, True, forgotten, reason)

@@ -20,22 +20,27 @@ def run(node_cls, hidden: dict | None = None, **inputs):
         return node.execute(**inputs).result
 
 
-def generate(comfy_nodes, model, vae, conditioning, seed: int, batch: int = 2, steps: int = 3):
-    """A batch through the stock KSampler and VAEDecode: (latent dict, images)."""
+def generate(comfy_nodes, model, vae, conditioning, seed: int, batch: int = 2, steps: int = 3, cfg: float = 2.0, negative=None):
+    """A batch through the stock KSampler and VAEDecode: (latent dict, images); the negative
+    defaults to a zeroed prompt."""
     with torch.inference_mode():
         empty = {"samples": torch.zeros(batch, 16, SIZE // 8, SIZE // 8)}
-        negative = [[torch.zeros_like(conditioning[0][0]), {"pooled_output": torch.zeros_like(conditioning[0][1]["pooled_output"])}]]
-        latent = comfy_nodes.KSampler().sample(model, seed, steps, 2.0, "euler", "sgm_uniform", conditioning, negative, empty)[0]
+        if negative is None:
+            negative = [[torch.zeros_like(conditioning[0][0]), {"pooled_output": torch.zeros_like(conditioning[0][1]["pooled_output"])}]]
+        latent = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "sgm_uniform", conditioning, negative, empty)[0]
         images = comfy_nodes.VAEDecode().decode(vae, latent)[0]
     return latent, images
 
 
-def prompt_for(seed: int, steps: int = 3) -> tuple[dict, str]:
-    """A hidden PROMPT graph in which node '9' (Mark) is fed by VAEDecode <- KSampler <- UNETLoader."""
+def prompt_for(seed: int, steps: int = 3, cfg: float = 2.0) -> tuple[dict, str]:
+    """A hidden PROMPT graph in which node '9' (Mark) is fed by VAEDecode <- KSampler <- UNETLoader,
+    the KSampler's negative coming from a text encode node."""
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
-        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "sgm_uniform", "denoise": 1.0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["5", 0]}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "sgm_uniform", "denoise": 1.0,
+                                                   "negative": ["2", 0]}},
         "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0]}},
         "9": {"class_type": "InstanceUnlearn_MarkUndesired", "inputs": {"images": ["4", 0], "latent": ["3", 0]}},
     }  # fmt: skip
