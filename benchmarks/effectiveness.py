@@ -1,88 +1,132 @@
-"""Table-I-style comparison: our surrogate unlearning vs NegGrad, EraseDiff, SISS and ablations.
+"""Table-I-style comparison under a fair protocol: ours vs NegGrad, EraseDiff, SISS, and ablations.
 
 On both embedded models (flags: conditional rectified flow, SD3 architecture; shapes:
-unconditional epsilon DDPM), every method unlearns each target on its own (single instance)
+unconditional epsilon DDPM) every method unlearns each target on its own (single instance)
 with the same step budget, batch sizes and rank, and is judged on the same seeds:
 
 - forgetting: copy similarity between the target and the same-seed output after unlearning
-  (cosine of flag-classifier features for flags, of mean-centred 8x8 pixels for shapes), and
-  the fraction of targets below the stated threshold;
+  (cosine of flag-classifier features for flags, of mean-centred 8x8 pixels for shapes), below
+  the stated threshold; *robust* forgetting also asks it of the target's own noise slerped with
+  fresh noise (0.05, 0.1, 0.2) and of the original noise sampled with twice the steps;
 - integrity: SSIM, PSNR (and LPIPS when its backbone is available) between base and unlearned
   outputs on 64 non-target seeds;
 - distribution: Fréchet distance between base and unlearned samples in the same feature space.
 
-Targets (the rule): flags: generate seeds 0..799 of the three confusable prompts (Ireland, Italy,
-Ivory Coast) and take the outputs most confidently classified as another flag (the wrong flags),
-topped up with the least confident ones; shapes: seeds 0..5. The next target by the same rule
-(``--sweep-targets`` of them, default 1) is the learning-rate sweep set.
+The rule, written once:
 
-Learning rate: ours and every baseline get the same sweep {3e-4, 1e-3, 3e-3} on the sweep
-targets; the chosen rate is the one with the best integrity SSIM among those that forget every
-sweep target, or, if none does, the one with the lowest mean copy similarity. Ablations use
-ours' chosen rate, so each differs from ours in exactly one thing.
+1. Targets: flags: seeds 0..999 of the three confusable prompts (Ireland, Italy, Ivory Coast),
+   the outputs most confidently classified as another flag first (7 of the 3,000 are wrong
+   flags: the first 4 are the table's targets); shapes: seeds 0..5. The next three by the same
+   rule are the sweep targets (never evaluated in the tables).
+2. Sweep (``--stage sweep``): every setting of every method (ours' default-candidates, SISS
+   scale 0.1 and 0.5, EraseDiff eta 0.1 and 1 with Gaussian noise and eta 1 with uniform noise,
+   NegGrad) trains on the three sweep targets at each learning rate of LEARNING_RATES, with
+   the setup's ``sweep_steps`` sampler steps (shapes: 25 of its 50; flags: its 20, already few,
+   at which its 0.9 threshold was set). The grid grows by a factor of 3 past an edge while a
+   setting's best rate sits on it.
+3. Choice: among a setting's rates that forget all three sweep targets, the best mean SSIM; if
+   none does, the lowest mean copy similarity. A method's setting (SISS scale, EraseDiff eta and
+   noise, ours' candidates) is chosen by the same rule over its settings at their chosen rates.
+4. Main rows (``--stage main``): each method's chosen setting and rate on the table targets,
+   training seeds 0 and 1 (mean and spread). Ablations (``--stage ablations``): ours with one
+   option changed, at ours' rate, seed 0.
 
-    python benchmarks/effectiveness.py                 # both models, all methods (over an hour per model on 2 cores)
-    python benchmarks/effectiveness.py --models flags --methods ours neggrad --quick
+Every finished run is one JSON line in ``benchmarks/results/effectiveness/<model>.jsonl``; a
+rerun skips the runs already there, so a stopped benchmark resumes. ``--stage report`` (run after
+every stage) writes ``benchmarks/results/effectiveness_<model>.json`` and prints the tables.
 
-Investigating one knob (no sweep; targets reused from an earlier run to skip the flags scan)::
-
-    python benchmarks/effectiveness.py --models flags --methods ours --gamma 2 --learning-rate 1e-3 \
-        --targets-from benchmarks/results/effectiveness_flags.json --targets 3
+    python benchmarks/effectiveness.py --models flags --stage all --threads 1     # hours on 2 cores
+    python benchmarks/effectiveness.py --models flags shapes --stage report
+    python benchmarks/effectiveness.py --models flags --quick --records out/quick   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
+import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from unlearn_core import (  # noqa: E402
-    ForgetTargets,
-    RememberSet,
-    UnlearnConfig,
-    UnlearnData,
-    demo_model,  # noqa: E402
+from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData, demo_model
+from unlearn_core.backends.diffusers_backend import (
+    DiffusersDenoiser,
+    lora_attached,
+    unlearn_diffusers,
 )
-from unlearn_core.backends.diffusers_backend import DiffusersDenoiser, unlearn_diffusers  # noqa: E402
-from unlearn_core.metrics import PixelCopyDetector, load_lpips  # noqa: E402
-from unlearn_core.pipeline import evaluate, find_undesired, generate  # noqa: E402
-from unlearn_core.surrogate import flipped, noised, repaint, sdedit  # noqa: E402
+from unlearn_core.metrics import PixelCopyDetector, copy_similarity, load_lpips
+from unlearn_core.pipeline import evaluate, find_undesired, generate, to_unit
+from unlearn_core.sampling import sample, seeded_noise
+from unlearn_core.surrogate import flipped, noised, repaint, sdedit
 
 log = logging.getLogger("effectiveness")
 
-LEARNING_RATES = (3e-4, 1e-3, 3e-3)
-FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6}  # flags: see DemoSettings.forget_threshold
+RESULTS = Path(__file__).resolve().parent / "results"
+LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
+RATE_LIMITS = (1e-5, 0.1)  # UnlearnConfig accepts (0, 0.1]
+FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6}
+DEFAULT_TARGETS = {"flags": 4, "shapes": 6}  # flags: see DemoSettings.forget_threshold
+SLERPS = (0.05, 0.1, 0.2)
+SWEEP_TARGETS = 3
+CANDIDATES = 12  # ranked targets kept from one scan (flags: 3000 samples, minutes)
+TRAIN_SEEDS = (0, 1)
+OURS_ONLY = {"weighting", "gamma", "constant_lambda", "forget_space", "remember_weight", "balance", "balance_ratio", "surgery"}
+BASELINE_ONLY = {"erasediff_eta", "erasediff_noise", "siss_scale"}
 
 
 @dataclass(frozen=True)
-class Method:
+class Setting:
+    """One method with its knobs: an objective, a surrogate kind and config overrides."""
+
     name: str
+    family: str
     objective: str = "surrogate"
-    surrogate: str = "sdedit"
+    surrogate: str = "edit"
     overrides: tuple = ()
 
 
-ABLATIONS = ("no_projection", "pcgrad_both", "constant_lambda", "flip_surrogate", "noise_surrogate")
-METHODS = {
-    "ours": Method("ours"),
-    "neggrad": Method("NegGrad", objective="neggrad", surrogate="none"),
-    "erasediff": Method("EraseDiff", objective="erasediff", surrogate="none"),
-    "siss": Method("SISS", objective="siss", surrogate="none"),
-    "no_projection": Method("ours, no projection", overrides=(("surgery", "none"),)),
-    "pcgrad_both": Method("ours, PCGrad both", overrides=(("surgery", "pcgrad_both"),)),
-    "constant_lambda": Method("ours, constant lambda 0.5", overrides=(("weighting", "constant"),)),
-    "flip_surrogate": Method("ours, flip surrogate", surrogate="flip"),
-    "noise_surrogate": Method("ours, noise surrogate", surrogate="noise"),
+def _ours(name, **overrides):
+    return Setting(name, "ours", overrides=tuple(sorted(overrides.items())))
+
+
+#: ours as UnlearnConfig's defaults, and the candidates the defaults were chosen from.
+OURS_CANDIDATES = {
+    "ours": _ours("ours"),
+    "ours_cap": _ours("ours, balance cap", balance="cap"),
+    "ours_rho_0.25": _ours("ours, rho 0.25", balance_ratio=0.25),
+    "ours_rho_1": _ours("ours, rho 1", balance_ratio=1.0),
+    "ours_gamma_2": _ours("ours, gamma 2", gamma=2.0),
+    "ours_complement": _ours("ours, remember 1 - lambda", remember_weight="complement"),
+    "ours_native": _ours("ours, lambda on the native loss", forget_space="native"),
+    "ours_paper": _ours("ours as the paper reads (native, 1 - lambda, no balance)", forget_space="native",
+                        remember_weight="complement", balance="none"),  # fmt: skip
 }
+BASELINES = {
+    "neggrad": Setting("NegGrad", "neggrad", "neggrad", "none"),
+    "erasediff": Setting("EraseDiff, eta 1", "erasediff", "erasediff", "none", (("erasediff_eta", 1.0),)),
+    "erasediff_eta_0.1": Setting("EraseDiff, eta 0.1", "erasediff", "erasediff", "none", (("erasediff_eta", 0.1),)),
+    "erasediff_uniform": Setting("EraseDiff, eta 1, uniform noise", "erasediff", "erasediff", "none",
+                                 (("erasediff_eta", 1.0), ("erasediff_noise", "uniform"))),  # fmt: skip
+    "siss_0.1": Setting("SISS, scale 0.1", "siss", "siss", "none", (("siss_scale", 0.1),)),
+    "siss_0.5": Setting("SISS, scale 0.5", "siss", "siss", "none", (("siss_scale", 0.5),)),
+}
+ABLATIONS = {
+    "no_projection": _ours("ours, no projection", surgery="none"),
+    "pcgrad_both": _ours("ours, PCGrad both", surgery="pcgrad_both"),
+    "constant_lambda": _ours("ours, constant lambda 0.5", weighting="constant"),
+    "no_balance": _ours("ours, no balance", balance="none"),
+    "flip_surrogate": Setting("ours, flip surrogate", "ours", surrogate="flip"),
+    "noise_surrogate": Setting("ours, noise surrogate", "ours", surrogate="noise"),
+}
+SETTINGS = {**OURS_CANDIDATES, **BASELINES, **ABLATIONS}
+SWEPT = (*OURS_CANDIDATES, *BASELINES)
 
 
 class Setup:
@@ -102,6 +146,7 @@ class Setup:
 
 class FlagsSetup(Setup):
     name = "flags"
+    sweep_steps = 20
 
     def __init__(self):
         self.model, self.process = demo_model.load_flags_model()
@@ -113,7 +158,7 @@ class FlagsSetup(Setup):
         return demo_model.flags_conditioning(labels)
 
     def candidates(self, count):
-        """Wrong flags: seeds 0..799 of the three confusable prompts, most confidently wrong first."""
+        """Wrong flags: seeds 0..999 of the three confusable prompts, most confidently wrong first."""
         trio = [self.classes.index(name) for name in ("ireland", "italy", "ivory_coast")]
         labels = [c for c in trio for _ in range(1000)]
         seeds = [s for _ in trio for s in range(1000)]
@@ -140,6 +185,7 @@ class FlagsSetup(Setup):
 class ShapesSetup(Setup):
     name = "shapes"
     steps_sample = 50
+    sweep_steps = 25
     clip = 1.0
 
     def __init__(self):
@@ -174,74 +220,265 @@ def build_surrogate(setup, kind, target, label):
                   clip=setup.clip).clamp(-1, 1)  # fmt: skip
 
 
-def unlearn_one(setup, method: Method, base: UnlearnConfig, learning_rate, target_pair, cache, lpips_model):
-    label, seed = target_pair
-    key = (label, seed)
-    if key not in cache:
-        target = setup.generate([key])
-        remember_pairs = setup.remember_pairs(label)
-        remember = setup.generate(remember_pairs)
-        integrity = setup.integrity_pairs(key)
-        base_others = setup.generate(integrity)
-        cache[key] = {"target": target, "remember": remember, "remember_labels": [p[0] for p in remember_pairs],
-                      "integrity": integrity, "base_others": base_others, "surrogates": {}}  # fmt: skip
-    entry = cache[key]
-    kind = method.surrogate
-    if kind not in entry["surrogates"]:
-        entry["surrogates"][kind] = entry["target"] if kind == "none" else build_surrogate(setup, kind, entry["target"], label)
-    surrogate = entry["surrogates"][kind]
-    config = replace(base, method=method.objective, learning_rate=learning_rate, **dict(method.overrides))
-    data = UnlearnData(ForgetTargets(entry["target"], surrogate, setup.cond([label])),
-                       RememberSet(entry["remember"], setup.cond(entry["remember_labels"])))  # fmt: skip
-    started = time.perf_counter()
-    try:
-        lora = unlearn_diffusers(setup.model, setup.process, data, config).lora
-    except Exception as error:  # a diverging baseline is a result, not a crash
-        log.warning("%s on %s diverged: %s", method.name, key, error)
-        return None
-    seconds = time.perf_counter() - started
-    after_target = setup.generate([key], lora)
-    after_others = setup.generate(entry["integrity"], lora)
-    evaluation = evaluate(entry["target"], after_target, entry["base_others"], after_others, setup.detector,
-                          FORGET_THRESHOLD[setup.name], lpips_model)  # fmt: skip
-    return {"target": list(key), "seconds": seconds, "copy_similarity": evaluation.target_copy_similarity[0],
-            "forgotten": evaluation.forgotten[0], "ssim": evaluation.integrity_ssim, "psnr": evaluation.integrity_psnr,
-            "lpips": evaluation.integrity_lpips, "frechet": evaluation.feature_distance}  # fmt: skip
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation of two noise tensors (weight 0 = a): stays on the noise shell."""
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).clamp(-1, 1)
+    angle = torch.acos(cosine).reshape(-1, *([1] * (a.dim() - 1)))
+    return (torch.sin((1 - weight) * angle) * a + torch.sin(weight * angle) * b) / torch.sin(angle)
 
 
-def choose_learning_rate(setup, method, base, sweep_targets, cache, lpips_model):
-    trials = []
-    for lr in LEARNING_RATES:
-        runs = [unlearn_one(setup, method, base, lr, t, cache, lpips_model) for t in sweep_targets]
-        if any(r is None for r in runs):
-            trials.append({"lr": lr, "diverged": True})
-            continue
-        trials.append({"lr": lr, "forgets_all": all(r["forgotten"] for r in runs),
-                       "ssim": statistics.fmean(r["ssim"] for r in runs),
-                       "similarity": statistics.fmean(r["copy_similarity"] for r in runs)})  # fmt: skip
-    usable = [t for t in trials if not t.get("diverged")]
+class Bench:
+    """One model's runs: cached data per target, one record per finished run."""
+
+    def __init__(self, setup, records: Path, base: UnlearnConfig, sample_steps: int, lpips_model):
+        self.setup, self.base, self.lpips_model = setup, base, lpips_model
+        self.final_steps = sample_steps
+        self.records_path = records / f"{setup.name}.jsonl"
+        self.records = {}
+        if self.records_path.is_file():
+            for line in self.records_path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.records[record["key"]] = record
+        self.cache: dict = {}
+
+    def _data(self, pair, steps):
+        key = (pair, steps)
+        if key not in self.cache:
+            self.setup.steps_sample = steps
+            label, _ = pair
+            remember_pairs = self.setup.remember_pairs(label)
+            self.cache[key] = {
+                "target": self.setup.generate([pair]),
+                "remember": self.setup.generate(remember_pairs),
+                "remember_labels": [p[0] for p in remember_pairs],
+                "integrity": self.setup.integrity_pairs(pair),
+                "surrogates": {},
+            }
+            self.cache[key]["base_others"] = self.setup.generate(self.cache[key]["integrity"])
+        self.setup.steps_sample = steps
+        return self.cache[key]
+
+    def config(self, setting: Setting, lr: float, seed: int) -> UnlearnConfig:
+        return replace(self.base, method=setting.objective, learning_rate=lr, seed=seed, **dict(setting.overrides))
+
+    def key(self, setting: Setting, lr: float, pair, seed: int, steps: int) -> str:
+        """The run's identity: its whole config, surrogate, target and sampler steps (so a setting
+        that equals the defaults shares its runs with ``ours``)."""
+        config = self.config(setting, lr, seed).to_dict()
+        unused = OURS_ONLY if setting.objective != "surrogate" else BASELINE_ONLY
+        config = {k: v for k, v in config.items() if k not in unused}  # options the method ignores
+        text = json.dumps([setting.surrogate, config, list(pair), steps], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def run(self, name: str, lr: float, pair, seed: int = 0, steps: int | None = None, robust: bool = False) -> dict:
+        """The record of one run (from the records file when it is there)."""
+        setting, steps = SETTINGS[name], steps or self.final_steps
+        key = self.key(setting, lr, pair, seed, steps)
+        if key in self.records and (self.records[key].get("robust") is not None or not robust):
+            return self.records[key]
+        entry = self._data(tuple(pair), steps)
+        label, target_seed = pair
+        kind = setting.surrogate
+        if kind not in entry["surrogates"]:
+            entry["surrogates"][kind] = entry["target"] if kind == "none" else build_surrogate(self.setup, kind, entry["target"], label)
+        config = self.config(setting, lr, seed)
+        data = UnlearnData(ForgetTargets(entry["target"], entry["surrogates"][kind], self.setup.cond([label])),
+                           RememberSet(entry["remember"], self.setup.cond(entry["remember_labels"])))  # fmt: skip
+        record = {"key": key, "setting": name, "lr": lr, "target": list(pair), "seed": seed, "sample_steps": steps}
+        started = time.perf_counter()
+        try:
+            result = unlearn_diffusers(self.setup.model, self.setup.process, data, config)
+        except Exception as error:  # a diverging baseline is a result, not a crash
+            log.warning("%s lr=%g on %s diverged: %s", name, lr, pair, error)
+            record.update(diverged=str(error))
+            return self._keep(record)
+        lora = result.lora
+        record["seconds"] = time.perf_counter() - started
+        history = result.training.history
+        record["grad_norm_ratio_median"] = statistics.median(h.get("grad_norm_ratio", math.nan) for h in history)
+        record["projected_share"] = statistics.fmean(h.get("projected", 0.0) for h in history)
+        after_target = self.setup.generate([tuple(pair)], lora)
+        after_others = self.setup.generate(entry["integrity"], lora)
+        evaluation = evaluate(entry["target"], after_target, entry["base_others"], after_others, self.setup.detector,
+                              FORGET_THRESHOLD[self.setup.name], self.lpips_model)  # fmt: skip
+        record.update(copy_similarity=evaluation.target_copy_similarity[0], forgotten=evaluation.forgotten[0],
+                      ssim=evaluation.integrity_ssim, psnr=evaluation.integrity_psnr,
+                      lpips=evaluation.integrity_lpips if isinstance(evaluation.integrity_lpips, float) else None,
+                      frechet=evaluation.feature_distance)  # fmt: skip
+        record["robust"] = self.robustness(entry["target"], label, target_seed, lora, steps) if robust else None
+        return self._keep(record)
+
+    def robustness(self, target, label, seed, lora, steps) -> dict:
+        """Copy similarity to the target from nearby noises and another step count, base and unlearned."""
+        shape = target.shape[1:]
+        own, fresh = seeded_noise([seed], shape), seeded_noise([seed + 7_919_000], shape)
+        probes = {f"slerp_{w}": (slerp(own, fresh, w), steps) for w in SLERPS}
+        probes[f"steps_{2 * steps}"] = (own, 2 * steps)
+        out = {}
+        threshold = FORGET_THRESHOLD[self.setup.name]
+        for name, (noise, probe_steps) in probes.items():
+            images = {}
+            for model_name, weights in (("base", None), ("unlearned", lora)):
+                with lora_attached(self.setup.model, weights=weights) if weights is not None else contextlib.nullcontext():
+                    denoiser = DiffusersDenoiser(self.setup.model, self.setup.process)
+                    images[model_name] = sample(denoiser, self.setup.process, noise, self.setup.cond([label]), probe_steps,
+                                                clip=self.setup.clip).clamp(-1, 1)  # fmt: skip
+            out[name] = {m: float(copy_similarity(self.setup.detector, to_unit(x), to_unit(target))[0]) for m, x in images.items()}
+        out["forgotten"] = all(v["unlearned"] < threshold for v in out.values())
+        return out
+
+    def _keep(self, record: dict) -> dict:
+        self.records[record["key"]] = record
+        self.records_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.records_path.open("a") as handle:  # one line per finished run: a stop loses at most the run in flight
+            handle.write(json.dumps(record) + "\n")
+        log.info("%s %s lr=%g %s seed %d: %s", self.setup.name, record["setting"], record["lr"], record["target"], record["seed"],
+                 {k: record.get(k) for k in ("copy_similarity", "forgotten", "ssim", "psnr", "seconds")})  # fmt: skip
+        return record
+
+
+def trial(runs: list[dict]) -> dict:
+    """One rate of a sweep: does it forget every sweep target, and at what integrity."""
+    if any("diverged" in r for r in runs):
+        return {"diverged": True}
+    return {"forgets_all": all(r["forgotten"] for r in runs), "ssim": statistics.fmean(r["ssim"] for r in runs),
+            "similarity": statistics.fmean(r["copy_similarity"] for r in runs)}  # fmt: skip
+
+
+def best(trials: dict) -> object | None:
+    """The rule: among entries that forget all, the best SSIM; else the lowest copy similarity."""
+    usable = {k: t for k, t in trials.items() if not t.get("diverged")}
     if not usable:
-        return LEARNING_RATES[0], trials
-    forgetting = [t for t in usable if t["forgets_all"]]
-    best = max(forgetting, key=lambda t: t["ssim"]) if forgetting else min(usable, key=lambda t: t["similarity"])
-    return best["lr"], trials
+        return None
+    forgetting = {k: t for k, t in usable.items() if t["forgets_all"]}
+    if forgetting:
+        return max(forgetting, key=lambda k: forgetting[k]["ssim"])
+    return min(usable, key=lambda k: usable[k]["similarity"])
 
 
-def summarise(runs):
-    ok = [r for r in runs if r is not None]
+def sweep(bench: Bench, name: str, sweep_targets, steps: int) -> tuple[float, dict]:
+    """Ours' rule for a setting's learning rate, growing the grid past an edge that wins."""
+    rates = list(LEARNING_RATES)
+    trials: dict[float, dict] = {}
+    while True:
+        for lr in rates:
+            if lr not in trials:
+                trials[lr] = trial([bench.run(name, lr, t, steps=steps) for t in sweep_targets])
+        chosen = best(trials)
+        if chosen is None:
+            return rates[0], trials
+        ordered = sorted(trials)
+        if chosen == ordered[-1] and chosen * 3 <= RATE_LIMITS[1] * 1.0001:
+            rates.append(round(chosen * 3, 10))
+        elif chosen == ordered[0] and chosen / 3 >= RATE_LIMITS[0]:
+            rates.append(round(chosen / 3, 10))
+        else:
+            return chosen, trials
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "diverged" not in r]
     if not ok:
-        return {"diverged": len(runs)}
-    lpips_values = [r["lpips"] for r in ok if isinstance(r["lpips"], float)]
-    return {
-        "copy_similarity": statistics.fmean(r["copy_similarity"] for r in ok),
-        "forgotten_fraction": sum(r["forgotten"] for r in ok) / len(runs),
-        "ssim": statistics.fmean(r["ssim"] for r in ok),
-        "psnr": statistics.fmean(r["psnr"] for r in ok),
-        "lpips": statistics.fmean(lpips_values) if lpips_values else None,
-        "frechet": statistics.fmean(r["frechet"] for r in ok),
-        "seconds": statistics.fmean(r["seconds"] for r in ok),
-        "diverged": len(runs) - len(ok),
-    }
+        return {"diverged": len(runs), "runs": len(runs)}
+
+    def stat(key):
+        values = [r[key] for r in ok if isinstance(r.get(key), (int, float)) and r.get(key) is not None]
+        if not values:
+            return None
+        return {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2}
+
+    robust = [r["robust"]["forgotten"] for r in ok if r.get("robust")]
+    return {"runs": len(runs), "diverged": len(runs) - len(ok), "forgotten_fraction": sum(r["forgotten"] for r in ok) / len(runs),
+            "robust_forgotten_fraction": (sum(robust) / len(robust)) if robust else None,
+            **{key: stat(key) for key in ("copy_similarity", "ssim", "psnr", "lpips", "frechet", "seconds")}}  # fmt: skip
+
+
+def seed_spread(runs: list[dict], key: str) -> float | None:
+    """Half the gap between the per-seed means: how much the training seed moves a row."""
+    by_seed = {}
+    for r in runs:
+        if "diverged" not in r and r.get(key) is not None:
+            by_seed.setdefault(r["seed"], []).append(r[key])
+    if len(by_seed) < 2:
+        return None
+    means = [statistics.fmean(v) for v in by_seed.values()]
+    return (max(means) - min(means)) / 2
+
+
+def targets_for(setup, records: Path, n_targets: int) -> tuple[list, list]:
+    """The table targets and the sweep targets by the rule, found once and kept beside the records."""
+    path = RESULTS / "effectiveness" / f"{setup.name}_candidates.json"  # one scan serves every run
+    wanted = max(n_targets + SWEEP_TARGETS, CANDIDATES)
+    saved = json.loads(path.read_text())["candidates"] if path.is_file() else []
+    if len(saved) < n_targets + SWEEP_TARGETS:
+        saved = setup.candidates(wanted)
+        write_json(path, {"rule": "module docstring, point 1", "candidates": saved})
+    ranked = [tuple(t) for t in saved]
+    return ranked[:n_targets], ranked[n_targets : n_targets + SWEEP_TARGETS]
+
+
+def run_model(setup, bench: Bench, stages: set[str], settings: list[str], targets, sweep_targets, sweep_steps: int) -> dict:
+    chosen_rates, sweeps = {}, {}
+    swept = [n for n in SWEPT if n in settings]
+    for name in swept:
+        if "sweep" in stages or any(s in stages for s in ("main", "ablations", "report")):
+            if "sweep" not in stages and not _swept_already(bench, name, sweep_targets, sweep_steps):
+                continue
+            chosen_rates[name], trials = sweep(bench, name, sweep_targets, sweep_steps)
+            sweeps[name] = {"learning_rate": chosen_rates[name], "trials": {f"{lr:g}": t for lr, t in sorted(trials.items())}}
+    families = {}
+    for name in chosen_rates:
+        families.setdefault(SETTINGS[name].family, {})[name] = sweeps[name]["trials"][f"{chosen_rates[name]:g}"]
+    choice = {family: best(trials) for family, trials in families.items()}
+    main_names = [n for n in dict.fromkeys(["ours", *choice.values()]) if n in chosen_rates]
+    rows = {}
+    for name in main_names:
+        if "main" in stages or _ran(bench, name, chosen_rates[name], targets, TRAIN_SEEDS):
+            runs = [bench.run(name, chosen_rates[name], t, seed, robust=True) for seed in TRAIN_SEEDS for t in targets]
+            rows[name] = {"name": SETTINGS[name].name, "learning_rate": chosen_rates[name], "summary": summarise(runs),
+                          "ssim_seed_spread": seed_spread(runs, "ssim"), "runs": [r["key"] for r in runs]}  # fmt: skip
+    ablations = {}
+    if "ours" in chosen_rates:
+        for name in [n for n in (*OURS_CANDIDATES, *ABLATIONS) if n != "ours" and n in settings]:
+            lr = chosen_rates["ours"]
+            if "ablations" in stages or _ran(bench, name, lr, targets, (0,)):
+                runs = [bench.run(name, lr, t, 0) for t in targets]
+                ablations[name] = {"name": SETTINGS[name].name, "learning_rate": lr, "summary": summarise(runs)}
+    return {"targets": targets, "sweep_targets": sweep_targets, "sweep_sample_steps": sweep_steps,
+            "sample_steps": bench.final_steps, "sweeps": sweeps, "choice": choice, "main": rows, "ablations": ablations}  # fmt: skip
+
+
+def _swept_already(bench, name, sweep_targets, steps) -> bool:
+    return all(bench.key(SETTINGS[name], lr, t, 0, steps) in bench.records for lr in LEARNING_RATES for t in sweep_targets)
+
+
+def _ran(bench, name, lr, targets, seeds) -> bool:
+    return all(bench.key(SETTINGS[name], lr, t, s, bench.final_steps) in bench.records for s in seeds for t in targets)
+
+
+def _cell(stat, digits=3):
+    if not stat:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['spread']:.{digits}f}"
+
+
+def print_tables(model_name: str, table: dict) -> None:
+    print(f"\n### {model_name}: {len(table['targets'])} targets, forgotten = copy similarity < {FORGET_THRESHOLD[model_name]}\n")
+    print("Rates chosen on the sweep targets:", ", ".join(f"{n} {s['learning_rate']:g}" for n, s in table["sweeps"].items()))
+    print("Settings chosen per method:", table["choice"], "\n")
+    print("| method | lr | forgotten | robustly forgotten | copy sim. | SSIM | PSNR dB | LPIPS | Fréchet | SSIM seed spread |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for entry in [*table["main"].values(), *table["ablations"].values()]:
+        s = entry["summary"]
+        if "ssim" not in s:
+            print(f"| {entry['name']} | {entry['learning_rate']:g} | diverged | | | | | | | |")
+            continue
+        robust = "n/a" if s["robust_forgotten_fraction"] is None else f"{s['robust_forgotten_fraction']:.0%}"
+        spread = entry.get("ssim_seed_spread")
+        print(f"| {entry['name']} | {entry['learning_rate']:g} | {s['forgotten_fraction']:.0%} | {robust} | "
+              f"{_cell(s['copy_similarity'])} | {_cell(s['ssim'])} | {_cell(s['psnr'], 2)} | {_cell(s['lpips'])} | "
+              f"{_cell(s['frechet'])} | {'n/a' if spread is None else f'{spread:.3f}'} |")  # fmt: skip
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -254,63 +491,42 @@ def write_json(path: Path, results: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=["flags", "shapes"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--targets", type=int, default=6)
-    parser.add_argument("--sweep-targets", type=int, default=1, help="targets of the learning-rate sweep")
+    parser.add_argument("--stage", nargs="+", default=["report"], choices=["sweep", "main", "ablations", "report", "all"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--targets", type=int, help="table targets (default: flags 4, shapes 6)")
     parser.add_argument("--steps", type=int, default=100, help="equal step budget for every method")
-    parser.add_argument("--quick", action="store_true", help="2 targets, 1 sweep target, 40 steps (smoke run)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="lambda(t) = t**gamma for ours and its ablations")
-    parser.add_argument("--learning-rate", type=float, help="use this rate for every method instead of the sweep")
-    parser.add_argument("--targets-from", type=Path, help="reuse the targets of an earlier results JSON")
+    parser.add_argument("--quick", action="store_true", help="1 target, 10 training steps, one rate (smoke run)")
+    parser.add_argument("--records", type=Path, default=RESULTS / "effectiveness")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path("out/benchmarks/effectiveness.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal LoRA values slow CPU kernels many-fold
-    n_targets, n_sweep, steps = (2, 1, 40) if args.quick else (args.targets, args.sweep_targets, args.steps)
-    base = UnlearnConfig(steps=steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, gamma=args.gamma, seed=0)
-    earlier = json.loads(args.targets_from.read_text())["models"] if args.targets_from else {}
+    global LEARNING_RATES, RATE_LIMITS, SWEEP_TARGETS, TRAIN_SEEDS
+    stages = {"sweep", "main", "ablations", "report"} if "all" in args.stage else set(args.stage)
+    steps = 10 if args.quick else args.steps
+    if args.quick:
+        LEARNING_RATES, RATE_LIMITS, SWEEP_TARGETS, TRAIN_SEEDS = (1e-3,), (1e-3, 1e-3), 1, (0,)
+    base = UnlearnConfig(steps=steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, seed=0)
     lpips_model = load_lpips()
-    results = {"date": time.strftime("%Y-%m-%d"), "steps": steps, "gamma": args.gamma,
-               "learning_rates": [args.learning_rate] if args.learning_rate else LEARNING_RATES,
-               "thresholds": FORGET_THRESHOLD, "lpips": getattr(lpips_model, "reason", "available"), "models": {}}  # fmt: skip
     for model_name in args.models:
         setup = FlagsSetup() if model_name == "flags" else ShapesSetup()
-        if model_name in earlier:
-            targets = [tuple(t) for t in earlier[model_name]["targets"][:n_targets]]
-            sweep = [tuple(t) for t in earlier[model_name]["sweep_targets"][:n_sweep]]
-        else:
-            candidates = setup.candidates(n_targets + n_sweep)
-            targets, sweep = candidates[:n_targets], candidates[n_targets:]
-        log.info("%s: targets %s, sweep %s", model_name, targets, sweep)
-        cache: dict = {}
-        table = {}
-        for key in args.methods:
-            method = METHODS[key]
-            if args.learning_rate:
-                lr, trials = args.learning_rate, "fixed by --learning-rate"
-            elif key in ABLATIONS and "ours" in table:
-                lr, trials = table["ours"]["learning_rate"], "ours' rate"
-            else:
-                lr, trials = choose_learning_rate(setup, method, base, sweep, cache, lpips_model)
-            runs = [unlearn_one(setup, method, base, lr, t, cache, lpips_model) for t in targets]
-            table[key] = {"name": method.name, "learning_rate": lr, "sweep": trials, "summary": summarise(runs), "runs": runs}
-            log.info("%s %s lr=%g %s", model_name, method.name, lr, table[key]["summary"])
-            results["models"][model_name] = {"targets": targets, "sweep_targets": sweep, "methods": table}
-            write_json(args.json, results)  # after every method, so a long run stopped early keeps its rows
-        print(f"\n### {model_name} ({len(targets)} targets, {steps} steps, forgotten = copy similarity < {FORGET_THRESHOLD[model_name]})\n")
-        print("| method | lr | copy sim. to target (lower = forgotten) | forgotten | SSIM (higher better) | PSNR dB | LPIPS | Fréchet (features) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for entry in table.values():
-            s = entry["summary"]
-            if "copy_similarity" not in s:
-                print(f"| {entry['name']} | {entry['learning_rate']:g} | diverged | | | | | |")
-                continue
-            lpips_text = "n/a" if s["lpips"] is None else f"{s['lpips']:.3f}"
-            print(f"| {entry['name']} | {entry['learning_rate']:g} | {s['copy_similarity']:.3f} | {s['forgotten_fraction']:.0%} | "
-                  f"{s['ssim']:.3f} | {s['psnr']:.1f} | {lpips_text} | {s['frechet']:.3f} |")  # fmt: skip
-    print(f"\nwrote {args.json}")
+        final_steps = setup.steps_sample
+        sweep_steps = setup.sweep_steps
+        n_targets = 1 if args.quick else args.targets or DEFAULT_TARGETS[model_name]
+        targets, sweep_targets = targets_for(setup, args.records, n_targets)
+        if args.quick:
+            sweep_targets = sweep_targets[:1]
+        bench = Bench(setup, args.records, base, final_steps, lpips_model)
+        log.info("%s: targets %s, sweep %s", model_name, targets, sweep_targets)
+        table = run_model(setup, bench, stages, args.settings, targets, sweep_targets, sweep_steps)
+        results = {"date": time.strftime("%Y-%m-%d"), "model": model_name, "steps": steps, "config": base.to_dict(),
+                   "learning_rates": LEARNING_RATES, "threshold": FORGET_THRESHOLD[model_name], "slerps": SLERPS,
+                   "train_seeds": TRAIN_SEEDS, "lpips": getattr(lpips_model, "reason", "available"), **table}  # fmt: skip
+        out = args.records.parent / f"effectiveness_{model_name}.json" if not args.quick else args.records / f"effectiveness_{model_name}.json"
+        write_json(out, results)
+        print_tables(model_name, table)
+        print(f"\nwrote {out}")
     return 0
 
 

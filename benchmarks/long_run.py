@@ -5,10 +5,12 @@ attached to a diffusers SD3 transformer, one-pass split gradients, surgery, Adam
 the resident set size (from /proc/self/statm, else the peak from ``resource``) and the count of
 gc-tracked objects by type before the first step, at step 100 and at the last step. A leak of
 one object or one activation per step shows up as steady growth between step 100 and the end.
-``tests/test_long_run.py`` runs :func:`measure` and bounds the growth.
+The result is written as JSON (``--json``, default ``benchmarks/results/long_run.json``).
+``tests/test_long_run.py`` runs this script in a process of its own (so what other tests left
+in the interpreter cannot count as growth) and bounds the growth.
 
     python benchmarks/long_run.py                 # 1,000 steps, about 20-30 s on one core
-    python benchmarks/long_run.py --steps 5000
+    python benchmarks/long_run.py --steps 5000 --json out/long_run_5000.json
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from unlearn_core import ForgetTargets, RectifiedFlow, RememberSet, UnlearnConfig, UnlearnData  # noqa: E402
-from unlearn_core.backends.diffusers_backend import unlearn_diffusers  # noqa: E402
+from unlearn_core import ForgetTargets, RectifiedFlow, RememberSet, UnlearnConfig, UnlearnData
+from unlearn_core.backends.diffusers_backend import unlearn_diffusers
+from unlearn_core.files import atomic_write_text
 
 MIB = 1024 * 1024
 
@@ -94,11 +96,12 @@ def measure(steps: int = 1000, early: int = 100) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "long_run.json")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     result = measure(args.steps)
@@ -107,7 +110,12 @@ def main() -> None:
     print(f"resident memory: step 0 {rss[0]} MiB, step 100 {rss[100]} MiB, step {args.steps} {rss[args.steps]} MiB")
     print(f"gc-tracked objects: step 100 {result['objects'][100]}, step {args.steps} {result['objects'][args.steps]}")
     print(f"types that grew between step 100 and {args.steps}: {json.dumps(result['object_growth'])}")
+    result = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, **result}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.json, json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

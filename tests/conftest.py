@@ -32,6 +32,7 @@ def load_benchmark(name: str):
     """A script of benchmarks/ as a module (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up; scripts import each other by name
     spec.loader.exec_module(module)
     return module
 

@@ -31,3 +31,14 @@ def test_demo_training_is_timed_with_the_demo_settings(speed):
     timed = speed.demo_training_seconds(DemoSettings(config=config))
     assert (timed["steps"], timed["forget_batch"], timed["remember_batch"], timed["rank"]) == (2, 2, 3, 2)
     assert timed["seconds"] > 0
+
+
+def test_weight_profile_writes_both_halves_per_noise_level(tmp_path):
+    load_benchmark("effectiveness")  # weight_profile imports it, as it does beside it in benchmarks/
+    weight_profile = load_benchmark("weight_profile")
+    out = tmp_path / "profile.json"
+    assert weight_profile.main(["--models", "shapes", "--draws", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["models"]["shapes"]["rows"]
+    assert set(rows) == {"x0/full", "x0/complement", "native/full", "native/complement"}
+    for row in rows.values():
+        assert len(row["forget_grad_norm"]) == len(weight_profile.T_GRID) and 0 <= row["forget_share_below_0.5"] <= 1

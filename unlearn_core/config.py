@@ -10,9 +10,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import InputError
-from .objectives import OBJECTIVES
-from .surgery import SURGERY_MODES
-from .weighting import WEIGHTINGS, make_weighting
+from .objectives import OBJECTIVES, EraseDiff
+from .surgery import BALANCE_MODES, SURGERY_MODES
+from .weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS, LossWeights, make_weighting
 
 __all__ = ["UnlearnConfig", "DTYPES", "ADAPTERS"]
 
@@ -43,12 +43,24 @@ class UnlearnConfig:
     gamma: float = _help("exponent of the power schedule; larger forgets only at high noise and keeps more of the "
                          "rest, but can forget less (README: the weighting exponent)", default=1.0)  # fmt: skip
     constant_lambda: float = _help("lambda for the constant schedule", default=0.5)
+    forget_space: str = _help("where lambda(t) weights the forget loss: x0 (lambda is its effective weight over t, "
+                              "rising with noise) or native (lambda times the eps/v weight, which peaks at low noise)",
+                              default="x0")  # fmt: skip
+    remember_weight: str = _help("weight of the remember loss: full (at every t) or complement (1 - lambda(t))",
+                                 default="full")  # fmt: skip
+    balance: str = _help("bound the forget gradient relative to the remember gradient before surgery: scale "
+                         "(to balance_ratio times its norm every step), cap (only when larger) or none; "
+                         "beyond the paper, after SISS's normalised forget gradient", default="none")  # fmt: skip
+    balance_ratio: float = _help("rho: the forget gradient's norm as a multiple of the remember gradient's",
+                                 default=0.5)  # fmt: skip
     surgery: str = _help("gradient surgery: project_forget (ours), none, pcgrad_both", default="project_forget")
     seed: int = _help("seed for every random draw of training", default=0)
     grad_clip: float | None = _help("clip the update's global norm to this; None disables", default=1.0)
     dtype: str = _help("compute dtype: float32, bfloat16 or float16 (autocast)", default="float32")
     gradient_checkpointing: bool = _help("trade compute for memory on large models", default=False)
     erasediff_eta: float = _help("EraseDiff baseline: eta of the first-order update", default=1.0)
+    erasediff_noise: str = _help("EraseDiff baseline: the unrelated target noise, gaussian or uniform (its paper)",
+                                 default="gaussian")  # fmt: skip
     siss_scale: float = _help("SISS baseline: forget-gradient norm relative to the keep gradient", default=0.5)
 
     def __post_init__(self):
@@ -58,6 +70,10 @@ class UnlearnConfig:
         self._choice("adapter", ADAPTERS)
         self._choice("weighting", WEIGHTINGS)
         self._choice("surgery", SURGERY_MODES)
+        self._choice("forget_space", FORGET_SPACES)
+        self._choice("remember_weight", REMEMBER_WEIGHTS)
+        self._choice("balance", BALANCE_MODES)
+        self._choice("erasediff_noise", EraseDiff.NOISES)
         self._choice("dtype", DTYPES)
         self._whole("steps", 1, 1_000_000, "zero steps would train nothing")
         self._whole("lora_rank", 1, 1024, "")
@@ -72,6 +88,12 @@ class UnlearnConfig:
             raise InputError(f"lora_alpha={self.lora_alpha} must be positive (or None for alpha = rank)")
         if not (math.isfinite(self.gamma) and 0 <= self.gamma <= 20):
             raise InputError(f"gamma={self.gamma} must lie in [0, 20]; 1 to 4 is the useful range")
+        if not (math.isfinite(self.balance_ratio) and 0 < self.balance_ratio <= 100):
+            raise InputError(f"balance_ratio={self.balance_ratio} must lie in (0, 100]; 0.1 to 1 is the useful range")
+        if not (math.isfinite(self.erasediff_eta) and self.erasediff_eta >= 0):
+            raise InputError(f"erasediff_eta={self.erasediff_eta} must be a finite number >= 0")
+        if not (math.isfinite(self.siss_scale) and self.siss_scale > 0):
+            raise InputError(f"siss_scale={self.siss_scale} must be positive")
         if not 0 <= self.constant_lambda <= 1:
             raise InputError(f"constant_lambda={self.constant_lambda} must lie in [0, 1]")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
@@ -96,6 +118,9 @@ class UnlearnConfig:
 
     def make_weighting(self):
         return make_weighting(self.weighting, gamma=self.gamma, constant=self.constant_lambda)
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.make_weighting(), self.forget_space, self.remember_weight)
 
     def to_dict(self) -> dict:
         values = asdict(self)

@@ -6,13 +6,15 @@ to combine the two gradients; the trainer decides how to run the halves (see
 :mod:`unlearn_core.trainer`). All losses are computed in the host-agnostic x0 form
 (:func:`unlearn_core.process.x0_space_loss`), which equals the native epsilon/velocity MSE.
 
-Ours (METHOD.md sections 3-5), per sample with noise fraction t and :math:`\lambda(t)`:
+Ours (METHOD.md sections 3-5), per sample with noise fraction t, :math:`\lambda(t)` and the
+native weight :math:`w(t)` (:mod:`unlearn_core.weighting` says why the forget half drops it):
 
 .. math::
-    L_f = \lambda(t_f)\, w(t_f) \lVert \hat x_0(x_t^f) - \tilde x \rVert^2, \qquad
-    L_r = (1 - \lambda(t_r))\, w(t_r) \lVert \hat x_0(x_t^r) - x_0^r \rVert^2
+    L_f = \lambda(t_f) \lVert \hat x_0(x_t^f) - \tilde x \rVert^2, \qquad
+    L_r = w(t_r) \lVert \hat x_0(x_t^r) - x_0^r \rVert^2
 
-and :math:`g = \mathrm{surgery}(g_f, g_r)`.
+and :math:`g = \mathrm{surgery}(\mathrm{balance}(g_f, g_r), g_r)`. The loss reported for both
+halves is always the native (eps/v) MSE, whatever the weights, so the curves stay comparable.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .data import UnlearnData
 from .denoiser import Conditioning, Denoiser, select
 from .process import ForwardProcess, x0_space_loss
 from .surgery import combine_gradients, dot
-from .weighting import TimestepWeighting
+from .weighting import LossWeights
 
 __all__ = [
     "StepPlan",
@@ -90,13 +92,14 @@ class HalfBatch:
         return self.score(denoiser.predict_x0(self.x_t, self.t, self.cond))
 
 
-def _weighted(losses_of: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor | None = None, sign: float = 1.0) -> Score:
-    """A score from per-sample losses: sign * mean(weights * losses), reporting mean(losses)."""
+def _weighted(target: torch.Tensor, native: torch.Tensor, weights: torch.Tensor | None = None, sign: float = 1.0) -> Score:
+    """A score against x0 ``target``: differentiates sign * mean(weights * e) for the per-sample x0
+    error e (``weights`` default to the native weight), and reports the native loss mean(native * e)."""
 
     def score(x0_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
-        losses = losses_of(x0_hat)
-        weighted = losses if weights is None else weights.to(losses) * losses
-        return sign * weighted.mean(), float(losses.detach().mean())
+        error = x0_space_loss(x0_hat, target, torch.ones_like(native))
+        weighted = (native if weights is None else weights).to(error) * error
+        return sign * weighted.mean(), float((native.to(error) * error).detach().mean())
 
     return score
 
@@ -135,15 +138,16 @@ class Objective:
             plan.forget_t.to(device),
         )
 
-    def _remember_half(self, data: UnlearnData, plan: StepPlan, weights: torch.Tensor | None = None) -> HalfBatch:
+    def _remember_half(self, data: UnlearnData, plan: StepPlan, weights: Callable | None = None) -> HalfBatch:
+        """The plain training loss on remember samples; ``weights(t, native)`` replaces the native weight."""
         device = data.remember.samples.device
         index = plan.remember_index.to(device)
         samples = data.remember.samples[index]
         t = plan.remember_t.to(device)
         x_t = self.process.add_noise(samples, plan.remember_noise.to(device, samples.dtype), t)
-        weight = self.process.x0_loss_weight(t)
+        native = self.process.x0_loss_weight(t)
         return HalfBatch(x_t, t, select(data.remember.cond, index),
-                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, samples, weight), weights))  # fmt: skip
+                         _weighted(samples, native, None if weights is None else weights(t, native)))  # fmt: skip
 
     def forget_half(self, data: UnlearnData, plan: StepPlan) -> HalfBatch:
         raise NotImplementedError
@@ -157,26 +161,29 @@ class Objective:
 
 
 class SurrogateUnlearning(Objective):
-    """Ours: surrogate forget loss, timestep-aware weighting and gradient surgery."""
+    """Ours: surrogate forget loss, timestep-aware weighting, balance and gradient surgery."""
 
     name = "surrogate"
 
-    def __init__(self, process, forget_batch, remember_batch, weighting: TimestepWeighting, surgery: str):
+    def __init__(self, process, forget_batch, remember_batch, weights: LossWeights, surgery: str,
+                 balance: str = "none", balance_ratio: float = 0.5):  # fmt: skip
         super().__init__(process, forget_batch, remember_batch)
-        self.weighting = weighting
+        self.weights = weights
         self.surgery = surgery
+        self.balance = balance
+        self.balance_ratio = balance_ratio
 
     def forget_half(self, data, plan):
         targets, surrogates, cond, noise, t = self._forget_batch(data, plan)
-        weight = self.process.x0_loss_weight(t)
+        native = self.process.x0_loss_weight(t)
         return HalfBatch(self.process.add_noise(targets, noise, t), t, cond,
-                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, surrogates, weight), self.weighting(plan.forget_t)))  # fmt: skip
+                         _weighted(surrogates, native, self.weights.forget(t, native)))  # fmt: skip
 
     def remember_half(self, data, plan):
-        return self._remember_half(data, plan, 1 - self.weighting(plan.remember_t))
+        return self._remember_half(data, plan, self.weights.remember)
 
     def combine(self, forget, remember):
-        return combine_gradients(forget, remember, self.surgery)
+        return combine_gradients(forget, remember, self.surgery, self.balance, self.balance_ratio)
 
 
 class NegGrad(Objective):
@@ -186,24 +193,32 @@ class NegGrad(Objective):
 
     def forget_half(self, data, plan):
         targets, _, cond, noise, t = self._forget_batch(data, plan)
-        weight = self.process.x0_loss_weight(t)
         return HalfBatch(self.process.add_noise(targets, noise, t), t, cond,
-                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, targets, weight), sign=-1.0))  # fmt: skip
+                         _weighted(targets, self.process.x0_loss_weight(t), sign=-1.0))  # fmt: skip
 
 
 class EraseDiff(Objective):
-    r"""EraseDiff, first-order: the forget sample's native target becomes independent noise,
-    and :math:`g = g_r + \max(\eta - \langle g_r, g_f\rangle / \lVert g_f\rVert^2, 0)\, g_f`."""
+    r"""EraseDiff, first-order: the forget sample's native target becomes unrelated noise,
+    and :math:`g = g_r + \max(\eta - \langle g_r, g_f\rangle / \lVert g_f\rVert^2, 0)\, g_f`.
+
+    ``noise="uniform"`` draws that noise from U(0, 1) as EraseDiff's paper and SISS's code do;
+    ``"gaussian"`` from N(0, 1).
+    """
 
     name = "erasediff"
+    NOISES = ("gaussian", "uniform")
 
-    def __init__(self, process, forget_batch, remember_batch, eta: float):
+    def __init__(self, process, forget_batch, remember_batch, eta: float, noise: str = "gaussian"):
         super().__init__(process, forget_batch, remember_batch)
+        if noise not in self.NOISES:
+            raise ValueError(f"unknown EraseDiff noise {noise!r}; choose one of {', '.join(self.NOISES)}")
         self.eta = eta
+        self.noise = noise
 
     def plan(self, data, generator):
         plan = super().plan(data, generator)
-        plan.extra["unrelated_noise"] = torch.randn(plan.forget_noise.shape, generator=generator)
+        draw = torch.rand if self.noise == "uniform" else torch.randn
+        plan.extra["unrelated_noise"] = draw(plan.forget_noise.shape, generator=generator)
         return plan
 
     def forget_half(self, data, plan):
@@ -213,8 +228,7 @@ class EraseDiff(Objective):
         # x0 whose native target (eps, or v) is the unrelated noise: predicting it maps the
         # forget sample to noise.
         erase_target = self.process.predict_x0(x_t, unrelated, t)
-        weight = self.process.x0_loss_weight(t)
-        return HalfBatch(x_t, t, cond, _weighted(lambda x0_hat: x0_space_loss(x0_hat, erase_target, weight)))
+        return HalfBatch(x_t, t, cond, _weighted(erase_target, self.process.x0_loss_weight(t)))
 
     def combine(self, forget, remember):
         norm_sq = dot(forget, forget)
@@ -267,15 +281,15 @@ class SISS(Objective):
 
     def forget_half(self, data, plan):
         x_t, t, _, forget, _, forget_weight = self._mixture(data, plan)
-        weight = self.process.x0_loss_weight(t)
+        native = self.process.x0_loss_weight(t)
         return HalfBatch(x_t, t, select(data.forget.cond, plan.forget_index),
-                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, forget, weight), forget_weight))  # fmt: skip
+                         _weighted(forget, native, forget_weight.to(native) * native))  # fmt: skip
 
     def remember_half(self, data, plan):
         x_t, t, keep, _, keep_weight, _ = self._mixture(data, plan)
-        weight = self.process.x0_loss_weight(t)
+        native = self.process.x0_loss_weight(t)
         return HalfBatch(x_t, t, select(data.remember.cond, plan.remember_index),
-                         _weighted(lambda x0_hat: x0_space_loss(x0_hat, keep, weight), keep_weight))  # fmt: skip
+                         _weighted(keep, native, keep_weight.to(native) * native))  # fmt: skip
 
     def combine(self, forget, remember):
         forget_norm = dot(forget, forget) ** 0.5

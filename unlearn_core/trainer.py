@@ -60,11 +60,12 @@ class TrainResult:
 def make_objective(config: UnlearnConfig, process: ForwardProcess) -> Objective:
     sizes = (process, config.forget_batch_size, config.remember_batch_size)
     if config.method == "surrogate":
-        return SurrogateUnlearning(*sizes, weighting=config.make_weighting(), surgery=config.surgery)
+        return SurrogateUnlearning(*sizes, weights=config.loss_weights(), surgery=config.surgery,
+                                   balance=config.balance, balance_ratio=config.balance_ratio)  # fmt: skip
     if config.method == "neggrad":
         return NegGrad(*sizes)
     if config.method == "erasediff":
-        return EraseDiff(*sizes, eta=config.erasediff_eta)
+        return EraseDiff(*sizes, eta=config.erasediff_eta, noise=config.erasediff_noise)
     return SISS(*sizes, scale=config.siss_scale)
 
 
