@@ -132,9 +132,9 @@ def saved_for_backward(model: torch.nn.Module):
         yield storages
 
 
-def measure(name: str, steps: int, batch: int, rank: int, repeats: int) -> dict:
+def measure(name: str, steps: int, batch: int, rank: int, repeats: int, balance: str = "none") -> dict:
     model, process, data = SETUPS[name](batch)
-    config = UnlearnConfig(steps=steps, lora_rank=rank, forget_batch_size=batch // 2,
+    config = UnlearnConfig(steps=steps, lora_rank=rank, forget_batch_size=batch // 2, balance=balance,
                            remember_batch_size=batch - batch // 2, learning_rate=1e-4)  # fmt: skip
     ours, two_pass, plain = [], [], []
     with lora_attached(model, rank=rank, seed=0) as lora:
@@ -184,11 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved blocks of each kind")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-demo", action="store_true", help="do not time the demo's training")
+    parser.add_argument("--balance", default="none", choices=["none", "scale", "cap"], help="ours' gradient balance")
     parser.add_argument("--json", type=Path, default=Path("out/benchmarks/speed.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal LoRA values slow CPU kernels many times over
-    rows = [measure(name, args.steps, args.batch, args.rank, args.repeats) for name in args.models]
+    rows = [{**measure(name, args.steps, args.batch, args.rank, args.repeats, args.balance), "balance": args.balance}
+            for name in args.models]  # fmt: skip
     demo = None if args.skip_demo else demo_training_seconds()
     print("| model | batch | rank | plain LoRA step (ms) | unlearning step (ms) | ratio | two-pass step (ms) | ratio "
           "| saved for backward, plain / ours (MB) | peak RSS (MB) |")  # fmt: skip
