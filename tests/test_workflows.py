@@ -70,6 +70,16 @@ def test_workflow_is_in_the_frontends_save_format(name):
         assert node["mode"] == 0, f"node {node['id']} is muted or bypassed: ship every node active"
 
 
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_has_no_null_fields_that_older_frontends_reject(name):
+    """Frontend 1.27's schema alerts on floatingLinks, definitions or extra.reroutes set to null
+    (COMFYUI.md): such fields are left out or given their empty value."""
+    workflow = WORKFLOWS[name]
+    nulls = [key for key, value in workflow.items() if value is None]
+    nulls += [f"extra.{key}" for key, value in workflow.get("extra", {}).items() if value is None]
+    assert not nulls, f"{name}: null fields {nulls}"
+
+
 def test_workflows_use_the_usual_sd35_files():
     snapshot = load_snapshot()
     for name, workflow in WORKFLOWS.items():
