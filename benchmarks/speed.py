@@ -22,20 +22,17 @@ import contextlib
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData  # noqa: E402
-from unlearn_core.backends.diffusers_backend import lora_attached, unlearn_diffusers  # noqa: E402
-from unlearn_core.denoiser import concat, select  # noqa: E402
-from unlearn_core.objectives import denoising_loss  # noqa: E402
-from unlearn_core.process import RectifiedFlow  # noqa: E402
-from unlearn_core.trainer import train_unlearning  # noqa: E402
+from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData
+from unlearn_core.backends.diffusers_backend import lora_attached, unlearn_diffusers
+from unlearn_core.denoiser import concat, select
+from unlearn_core.objectives import denoising_loss
+from unlearn_core.process import RectifiedFlow
+from unlearn_core.trainer import train_unlearning
 
 
 def tiny_sd3_setup(batch: int):
@@ -72,7 +69,8 @@ def flags_data(n_targets: int = 2, n_remember: int = 16) -> UnlearnData:
     surrogates = (targets + 0.2 * torch.randn(targets.shape, generator=generator)).clamp(-1, 1)
     remember, labels = flag_dataset(-(-n_remember // len(FLAG_CLASSES)), seed=1)
     remember, labels = remember[:n_remember], labels[:n_remember]
-    return UnlearnData(ForgetTargets(targets, surrogates, flags_conditioning([ireland] * n_targets)),
+    own_noise = torch.randn(targets.shape, generator=generator)  # so forget_noise="own" runs its path
+    return UnlearnData(ForgetTargets(targets, surrogates, flags_conditioning([ireland] * n_targets), own_noise),
                        RememberSet(remember, flags_conditioning(labels)))  # fmt: skip
 
 
@@ -132,9 +130,11 @@ def saved_for_backward(model: torch.nn.Module):
         yield storages
 
 
-def measure(name: str, steps: int, batch: int, rank: int, repeats: int, balance: str = "none") -> dict:
+def measure(name: str, steps: int, batch: int, rank: int, repeats: int, balance: str | None = None) -> dict:
+    """``balance`` None keeps UnlearnConfig's default (as every other option here)."""
     model, process, data = SETUPS[name](batch)
-    config = UnlearnConfig(steps=steps, lora_rank=rank, forget_batch_size=batch // 2, balance=balance,
+    options = {} if balance is None else {"balance": balance}
+    config = UnlearnConfig(steps=steps, lora_rank=rank, forget_batch_size=batch // 2, **options,
                            remember_batch_size=batch - batch // 2, learning_rate=1e-4)  # fmt: skip
     ours, two_pass, plain = [], [], []
     with lora_attached(model, rank=rank, seed=0) as lora:
@@ -184,12 +184,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved blocks of each kind")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-demo", action="store_true", help="do not time the demo's training")
-    parser.add_argument("--balance", default="none", choices=["none", "scale", "cap"], help="ours' gradient balance")
+    parser.add_argument("--balance", choices=["none", "scale", "cap"], help="ours' gradient balance (default: the config's)")
     parser.add_argument("--json", type=Path, default=Path("out/benchmarks/speed.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal LoRA values slow CPU kernels many times over
-    rows = [{**measure(name, args.steps, args.batch, args.rank, args.repeats, args.balance), "balance": args.balance}
+    rows = [{**measure(name, args.steps, args.batch, args.rank, args.repeats, args.balance), "balance": args.balance or UnlearnConfig().balance}
             for name in args.models]  # fmt: skip
     demo = None if args.skip_demo else demo_training_seconds()
     print("| model | batch | rank | plain LoRA step (ms) | unlearning step (ms) | ratio | two-pass step (ms) | ratio "

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from unlearn_core import demo_model as dm  # noqa: E402
-from unlearn_core.backends.diffusers_backend import DiffusersDenoiser  # noqa: E402
-from unlearn_core.errors import InputError  # noqa: E402
-from unlearn_core.process import DDPMEpsilon, ForwardProcess  # noqa: E402
-from unlearn_core.sampling import sample, seeded_noise  # noqa: E402
+from unlearn_core import demo_model as dm
+from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
+from unlearn_core.errors import InputError
+from unlearn_core.process import DDPMEpsilon, ForwardProcess
+from unlearn_core.sampling import sample, seeded_noise
 
 log = logging.getLogger("train_demo_models")
 RECORD = "demo_models.json"

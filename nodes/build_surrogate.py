@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.metrics import ssim
 from . import host
-from .mark_undesired import preview_batch
+from .images import preview_batch
 from .targets import Target, TargetsType
 
 log = logging.getLogger(__name__)

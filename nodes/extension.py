@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from . import routes
+from . import paths, routes
 from .build_surrogate import BuildSurrogate
 from .mark_undesired import MarkUndesiredOutput
 from .preserve_check import PreserveCheck
@@ -20,7 +19,7 @@ class InstanceUnlearnExtension(ComfyExtension):
         from server import PromptServer
 
         if getattr(PromptServer, "instance", None) is not None:
-            routes.register(PromptServer.instance.routes, routes.ForgetSetHandlers(store, folder_paths.get_directory_by_type))
+            routes.register(PromptServer.instance.routes, routes.ForgetSetHandlers(store, paths.directory_by_type))
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return NODES

@@ -34,6 +34,7 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..unlearn_core.denoiser import Conditioning
 from ..unlearn_core.errors import InputError
+from ..unlearn_core.metrics import CopyDetector
 from ..unlearn_core.process import ForwardProcess
 
 log = logging.getLogger(__name__)
@@ -338,9 +339,34 @@ def ksample(
     )  # fmt: skip
 
 
-def empty_latent(patcher, height: int, width: int, batch: int = 1) -> torch.Tensor:
+#: how a target with no recorded sampler settings is regenerated
+DEFAULT_SAMPLING = {"steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"}
+
+
+def sampling_settings(provenance: dict, steps: int) -> dict:
+    """The KSampler settings that replay an output, from its recorded provenance; ``steps`` (and
+    the defaults) where it has none recorded, or names this ComfyUI does not know."""
+    settings = dict(DEFAULT_SAMPLING, steps=steps)
+    known = {"sampler_name": SAMPLERS, "scheduler": SCHEDULERS}
+    for key in ("steps", "cfg", "sampler_name", "scheduler"):
+        value = provenance.get(key)
+        if value is not None and (key not in known or value in known[key]):
+            settings[key] = value
+    return settings
+
+
+def sampling_noise(patcher, shape: tuple[int, ...], seed: int, batch_index: int = 0) -> torch.Tensor:
+    """The noise (C, h, w) KSampler started image ``batch_index`` of a batch from ``seed`` with
+    (what :func:`ksample` draws to replay it)."""
+    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, *shape))
+    return comfy.sample.prepare_noise(latent, seed, [batch_index] if batch_index else None)[0].float()
+
+
+def latent_shape(patcher, vae, height: int, width: int) -> tuple[int, int, int]:
+    """(C, h, w) of the raw latent this model samples for an image of height x width pixels."""
+    scale = vae_scale(vae)
     channels = patcher.model.latent_format.latent_channels
-    return torch.zeros(batch, channels, height // 8, width // 8)
+    return channels, max(1, round(height / scale)), max(1, round(width / scale))
 
 
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
@@ -377,6 +403,18 @@ def decode(vae, samples: torch.Tensor) -> torch.Tensor:
     if images.dim() == 5:  # video VAEs return (B, T, H, W, C)
         images = images.reshape(-1, *images.shape[-3:])
     return images.clamp(0, 1)
+
+
+class ClipVisionEmbedder(CopyDetector):
+    """A CLIP_VISION model as an image embedder for the core's metrics (a semantic similarity column)."""
+
+    name = "clip"
+
+    def __init__(self, clip_vision):
+        self.clip_vision = clip_vision
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip_vision.encode_image(images.permute(0, 2, 3, 1)).image_embeds.float()
 
 
 @contextlib.contextmanager

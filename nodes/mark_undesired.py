@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import safe_name
 from ..unlearn_core.forget_set import check_target
 from . import host, provenance
+from .images import preview_batch
 from .targets import Target, TargetsType, UnlearnTargets, store
 
 
@@ -141,11 +141,3 @@ class MarkUndesiredOutput(io.ComfyNode):
                 provenance=record.provenance,
             ))  # fmt: skip
         return io.NodeOutput(UnlearnTargets(folder_name, targets), preview_batch([t.image for t in targets]))
-
-
-def preview_batch(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack (H, W, 3) images of possibly different sizes into one IMAGE batch (padded)."""
-    height = max(i.shape[0] for i in images)
-    width = max(i.shape[1] for i in images)
-    padded = [F.pad(i.permute(2, 0, 1), (0, width - i.shape[1], 0, height - i.shape[0])).permute(1, 2, 0) for i in images]
-    return torch.stack(padded)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..unlearn_core.files import safe_name, tensor_hash
 from ..unlearn_core.forget_set import ForgetSetStore
+from . import paths
 
 TargetsType = io.Custom("UNLEARN_TARGETS")
 
 
 def store() -> ForgetSetStore:
     """The pack's forget-set store, under ComfyUI's output folder."""
-    return ForgetSetStore(Path(folder_paths.get_output_directory()) / "unlearn" / "forget_sets")
+    return ForgetSetStore(paths.forget_sets_folder())
 
 
 @dataclass

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -13,30 +11,15 @@ from ..unlearn_core.config import UnlearnConfig
 from ..unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
 from ..unlearn_core.denoiser import concat
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import safe_child, tensor_hash
+from ..unlearn_core.files import tensor_hash
 from ..unlearn_core.lora import parse_state_dict, reproduction_metadata, save_lora
-from ..unlearn_core.objectives import OBJECTIVES
 from ..unlearn_core.seeds import MAX_REMEMBER, remember_seeds
-from ..unlearn_core.surgery import SURGERY_MODES
 from ..unlearn_core.trainer import train_unlearning
-from ..unlearn_core.weighting import WEIGHTINGS
-from . import host
+from . import config_inputs, host, paths
 from .progress import TrainingProgress
-from .targets import Target, TargetsType, UnlearnTargets
+from .targets import TargetsType, UnlearnTargets
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SAMPLING = {"steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"}
-
-
-def sampling_settings(target: Target, steps: int) -> dict:
-    """How the target was sampled (from its provenance; ``steps`` when it has none recorded)."""
-    settings = dict(DEFAULT_SAMPLING, steps=steps)
-    for key in ("steps", "cfg", "sampler_name", "scheduler"):
-        value = target.provenance.get(key)
-        if value is not None and (key != "sampler_name" or value in host.SAMPLERS) and (key != "scheduler" or value in host.SCHEDULERS):
-            settings[key] = value
-    return settings
 
 
 def generate_remember(model, targets: UnlearnTargets, count: int, steps: int) -> tuple[torch.Tensor, list]:
@@ -46,7 +29,7 @@ def generate_remember(model, targets: UnlearnTargets, count: int, steps: int) ->
     for target, n in zip(targets.targets, per_target, strict=True):
         if n == 0:
             continue
-        settings = sampling_settings(target, steps)
+        settings = host.sampling_settings(target.provenance, steps)
         empty = torch.zeros_like(target.latent).unsqueeze(0)
         for seed in remember_seeds(int(target.provenance.get("seed", 0) or 0), n):
             sample = host.ksample(model, seed, settings["steps"], settings["cfg"], settings["sampler_name"],
@@ -71,7 +54,20 @@ def check_targets(targets: UnlearnTargets) -> None:
         raise InputError(f"targets have different latent sizes {sorted(shapes)}: unlearn each size in its own run")
 
 
-def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_conditionings: list) -> UnlearnData:
+def sampling_noises(model, targets: UnlearnTargets) -> torch.Tensor | None:
+    """The noise each target was sampled from, when every target's is known: a recorded seed and
+    a full denoise (an output made from an input image did not start from its seed's noise)."""
+    noises = []
+    for target in targets.targets:
+        seed, denoise = target.provenance.get("seed"), target.provenance.get("denoise")
+        if seed is None or (denoise is not None and float(denoise) < 1.0):
+            return None
+        noises.append(host.sampling_noise(model, tuple(target.latent.shape), int(seed), int(target.provenance.get("batch_index", 0))))
+    return torch.stack(noises)
+
+
+def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_conditionings: list,
+               config: UnlearnConfig) -> UnlearnData:  # fmt: skip
     """Latents in the network's space and per-sample conditioning tensors for the core trainer."""
     forget_latents = torch.stack([t.latent for t in targets.targets]).float()
     surrogate_latents = torch.stack([t.surrogate_latent for t in targets.targets]).float()
@@ -85,14 +81,11 @@ def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_
     x_remember = host.process_latent_in(model, remember)
     forget_cond = concat([host.conditioning_tensors(model, t.conditioning, 1, x_forget[:1]) for t in targets.targets])
     remember_cond = concat([host.conditioning_tensors(model, c, 1, x_forget[:1]) for c in remember_conditionings])
-    return UnlearnData(ForgetTargets(x_forget, x_surrogate, forget_cond), RememberSet(x_remember, remember_cond))
-
-
-def lora_path(name: str) -> Path:
-    folders = folder_paths.get_folder_paths("loras")
-    if not folders:
-        raise InputError("ComfyUI has no loras folder configured")
-    return safe_child(folders[0], name, ".safetensors", what="LoRA name")
+    noise = sampling_noises(model, targets)
+    if noise is None and config.forget_noise == "own":
+        log.warning("forget_noise=own, but a target has no recorded seed (or was made at denoise < 1), so the noise it "
+                    "was sampled from is unknown: training draws fresh noise, as with forget_noise=fresh")  # fmt: skip
+    return UnlearnData(ForgetTargets(x_forget, x_surrogate, forget_cond, noise), RememberSet(x_remember, remember_cond))
 
 
 def lora_metadata(config: UnlearnConfig, model, targets: UnlearnTargets, remember: dict) -> dict:
@@ -117,39 +110,26 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                 "towards their surrogates) while keeping the remember set (other seeds of the same "
                 "prompts) unchanged, with timestep-aware weighting and gradient projection. The "
                 "cached model is never modified. Saves the LoRA under models/loras (if a name is "
-                "given) and outputs the model with the LoRA applied."
+                "given) and outputs the model with the LoRA applied. The training inputs, their "
+                "defaults and bounds are those of the unlearning configuration (unlearn_core/config.py)."
             ),
+            # Saved workflows store widget values (and links) by position: the first release's inputs
+            # keep their order, and every input added since comes after them (config_inputs.ADDED).
             inputs=[
                 io.Model.Input("model", tooltip="The loaded model to unlearn from (left untouched)."),
                 TargetsType.Input("targets", tooltip="Targets with surrogates, from Build Surrogate."),
-                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Optimizer steps (the paper: 100 for SD3)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=0.1, step=1e-5, round=1e-7,
-                               tooltip="AdamW learning rate; 1e-5..1e-3 for LoRA."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
-                io.Int.Input("forget_batch_size", default=4, min=1, max=64, tooltip="Noise draws of the targets per step."),
-                io.Int.Input("remember_batch_size", default=4, min=1, max=64, tooltip="Remember samples per step."),
+                *config_inputs.inputs("steps", "learning_rate", "rank", "forget_batch_size", "remember_batch_size"),
                 io.Int.Input("remember_count", default=32, min=1, max=MAX_REMEMBER,
                              tooltip="Remember samples to generate per run when no remember_latents are given (the paper used 100)."),
                 io.Int.Input("remember_steps", default=20, min=1, max=200, tooltip="Sampler steps for generating the remember set when a target has no recorded steps."),
-                io.Combo.Input("weighting", options=list(WEIGHTINGS), default="power",
-                               tooltip="lambda(t) between forgetting and remembering: power = t^gamma (timestep-aware), constant."),
-                io.Float.Input("gamma", default=1.0, min=0.0, max=20.0, step=0.1,
-                               tooltip="Exponent of the power weighting: larger forgets only at high noise."),
-                io.Combo.Input("surgery", options=list(SURGERY_MODES), default="project_forget",
-                               tooltip="Gradient surgery: project_forget (default), none, pcgrad_both."),
-                io.Combo.Input("method", options=list(OBJECTIVES), default="surrogate",
-                               tooltip="surrogate (ours) or a baseline for comparison: neggrad, erasediff, siss."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of every random draw of training."),
-                io.Combo.Input("dtype", options=["float32", "bfloat16", "float16"], default="float32",
-                               tooltip="Compute dtype (autocast); bfloat16 halves activation memory on GPUs."),
-                io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute blocks in backward: much less memory, about a third more time."),
+                *config_inputs.inputs("weighting", "gamma", "surgery", "method", "seed", "dtype", "gradient_checkpointing"),
                 io.String.Input("lora_name", default="unlearn/instance_unlearn",
                                 tooltip="File name under models/loras (subfolders allowed, .safetensors added). Empty: do not save."),
                 io.Latent.Input("remember_latents", optional=True,
                                 tooltip="Optional remember set (e.g. the same prompt with other seeds); replaces generation."),
                 io.Conditioning.Input("remember_conditioning", optional=True,
                                       tooltip="Conditioning of remember_latents; defaults to the first target's conditioning."),
+                *config_inputs.inputs(*config_inputs.ADDED, optional=True),
             ],  # fmt: skip
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
@@ -161,19 +141,13 @@ class InstanceUnlearnLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, targets, steps, learning_rate, rank, forget_batch_size, remember_batch_size, remember_count,
-                remember_steps, weighting, gamma, surgery, method, seed, dtype, gradient_checkpointing, lora_name,
-                remember_latents=None, remember_conditioning=None) -> io.NodeOutput:  # fmt: skip
-        config = UnlearnConfig(
-            method=method, steps=steps, learning_rate=learning_rate, lora_rank=rank,
-            forget_batch_size=forget_batch_size, remember_batch_size=remember_batch_size,
-            weighting=weighting, gamma=gamma, surgery=surgery, seed=seed, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing,
-        )  # fmt: skip
+    def execute(cls, model, targets, remember_count, remember_steps, lora_name, remember_latents=None,
+                remember_conditioning=None, **training) -> io.NodeOutput:  # fmt: skip
+        config = config_inputs.config_from_inputs(training)
         family = host.model_family(model)
-        host.lora_target_names(model, rank, config.target_modules)  # a rank too large fails before any work
+        host.lora_target_names(model, config.lora_rank, config.target_modules)  # a rank too large fails before any work
         check_targets(targets)
-        path = lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
+        path = paths.lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
         if remember_latents is not None:
             remember = remember_latents["samples"].float()
             conditioning = remember_conditioning or targets.targets[0].conditioning
@@ -182,15 +156,16 @@ class InstanceUnlearnLoRA(io.ComfyNode):
         else:
             remember, remember_conditionings = generate_remember(model, targets, remember_count, remember_steps)
             remember_source = {"generate": remember_count, "steps": remember_steps, "seeds": "target seed + 1, + 2, ..."}
-        data = build_data(model, targets, remember, remember_conditionings)
+        data = build_data(model, targets, remember, remember_conditionings, config)
         process = host.HostProcess(model.model.model_sampling, family)
-        progress = TrainingProgress(cls.hidden.unique_id, steps)
+        progress = TrainingProgress(cls.hidden.unique_id, config.steps)
         progress.start()
         try:
             with (
                 torch.inference_mode(False),
-                host.lora_training_clone(model, rank, float(rank), config.target_modules, seed) as (clone, adapters),
-                host.gradient_checkpointing(clone, gradient_checkpointing),
+                host.lora_training_clone(model, config.lora_rank, config.effective_alpha, config.target_modules,
+                                         config.seed) as (clone, adapters),
+                host.gradient_checkpointing(clone, config.gradient_checkpointing),
             ):
                 denoiser = host.PatcherDenoiser(clone, process, host.adapter_parameters(adapters))
                 result = train_unlearning(denoiser, process, data, config, callback=progress)
@@ -200,7 +175,7 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             raise
         if path is not None:
             save_lora(path, parse_state_dict(lora), "comfy", lora_metadata(config, model, targets, remember_source))
-            saved_name = path.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
+            saved_name = paths.lora_name(path)
             log.info("saved unlearning LoRA to %s", path)
         else:
             saved_name = ""

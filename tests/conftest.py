@@ -148,3 +148,38 @@ def sd3_data():
 @pytest.fixture
 def unet_data():
     return make_data(3, 8)
+
+
+# --- provider jobs on model folders --------------------------------------------------------------
+
+
+def save_ddpm_pipeline(folder: Path, seed: int = 0, **scheduler_options) -> Path:
+    """A DDPMPipeline folder (model_index.json, unet/, scheduler/) with a tiny random UNet.
+
+    The schedule defaults to cosine betas, which a silent fallback to DDPMScheduler() (linear)
+    would get wrong.
+    """
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    options = {"beta_schedule": "squaredcos_cap_v2", **scheduler_options}
+    DDPMPipeline(unet=make_tiny_unet(seed), scheduler=DDPMScheduler(**options)).save_pretrained(str(folder))
+    return Path(folder)
+
+
+def save_targets(path: Path, channels: int = 3, size: int = 8, cond: dict | None = None, n: int = 1, seed: int = 0) -> torch.Tensor:
+    """A targets file in [-1, 1] (with conditioning if given); returns the targets."""
+    from safetensors.torch import save_file
+
+    targets = torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    save_file({"targets": targets, **(cond or {})}, str(path))
+    return targets
+
+
+def quick_job(model_path: str, targets_path: str, output: str = "out/forget.safetensors", **sections) -> dict:
+    """A job that runs in about a second on the tiny models; ``sections`` update its parts."""
+    job = {"model": {"path": model_path}, "targets": targets_path, "surrogate": {"method": "sdedit", "strength": 0.5, "steps": 3},
+           "remember": {"generate": 3, "steps": 3},
+           "config": {"steps": 3, "lora_rank": 2, "forget_batch_size": 1, "remember_batch_size": 2}, "output": output}  # fmt: skip
+    for section, values in sections.items():
+        job[section] = {**job[section], **values} if isinstance(job.get(section), dict) and isinstance(values, dict) else values
+    return job

@@ -142,7 +142,7 @@ CONFIG_TABLE = [
     ("steps", -5, "steps=-5", r"whole number in \[1, "),
     ("steps", 2.5, "steps=2.5", "must be a whole number"),
     ("steps", True, "steps=True", "must be a whole number"),
-    *[("learning_rate", value, f"learning_rate={value} is outside", "LoRA unlearning uses about 1e-5 to 1e-3")
+    *[("learning_rate", value, rf"learning_rate={value} must lie in \(0, 0.1\]", "LoRA unlearning uses about 1e-5 to 1e-3")
       for value in (5.0, float("nan"), float("inf"), -1e-4, 0.0)],
     ("lora_rank", 0, "lora_rank=0", r"whole number in \[1, 1024\]"),
     ("lora_rank", 10**6, "lora_rank=1000000", r"whole number in \[1, 1024\]"),
@@ -157,7 +157,7 @@ CONFIG_TABLE = [
     ("adapter", "dora", "adapter='dora'", "is not one of: .*full"),
     ("grad_clip", 0.0, "grad_clip=0.0", "must be positive, or None to disable"),
     ("grad_clip", float("inf"), "grad_clip=inf", "must be positive, or None to disable"),
-    ("lora_alpha", -2.0, "lora_alpha=-2.0", r"must be positive \(or None for alpha = rank\)"),
+    ("lora_alpha", -2.0, "lora_alpha=-2.0", "must be positive, or None for alpha = rank"),
     ("target_modules", (), "target_modules is empty", "give module names or None"),
     ("constant_lambda", 2.0, "constant_lambda=2.0", r"must lie in \[0, 1\]"),
 ]  # fmt: skip

@@ -42,3 +42,33 @@ def test_weight_profile_writes_both_halves_per_noise_level(tmp_path):
     assert set(rows) == {"x0/full", "x0/complement", "native/full", "native/complement"}
     for row in rows.values():
         assert len(row["forget_grad_norm"]) == len(weight_profile.T_GRID) and 0 <= row["forget_share_below_0.5"] <= 1
+
+
+def test_effectiveness_rule_chooses_sweep_rates_and_defaults_as_written():
+    bench = load_benchmark("effectiveness")
+    # point 3: among rates that forget every sweep target, the best SSIM; else the lowest similarity
+    trials = {1e-3: {"forgets_all": False, "ssim": 0.99, "similarity": 0.95},
+              3e-3: {"forgets_all": True, "ssim": 0.80, "similarity": 0.5},
+              1e-2: {"forgets_all": True, "ssim": 0.70, "similarity": 0.2}}  # fmt: skip
+    assert bench.best(trials) == 3e-3
+    assert bench.best({k: {**t, "forgets_all": False} for k, t in trials.items()}) == 1e-2
+    assert bench.best({1e-3: {"diverged": True}}) is None
+
+    # point 5: forget on both models first, then the smallest shortfall on the worse model
+    def table(per_name):
+        return {"sweeps": {n: {"learning_rate": lr, "complete": True,
+                               "trials": {f"{lr:g}": {"forgets_all": f, "ssim": s, "similarity": 0.1}}}
+                           for n, (lr, f, s) in per_name.items()}}  # fmt: skip
+
+    names = list(bench.OURS_CANDIDATES)[:3]
+    tables = {
+        "flags": table({names[0]: (1e-3, True, 0.95), names[1]: (3e-3, True, 0.90), names[2]: (1e-3, True, 0.99)}),
+        "shapes": table({names[0]: (1e-3, True, 0.60), names[1]: (1e-3, True, 0.70), names[2]: (1e-2, False, 0.90)}),
+    }
+    defaults = bench.choose_defaults(tables)
+    assert names[2] not in defaults["candidates"] or "shortfall" not in defaults["candidates"][names[2]]
+    # names[0] falls 0.10 short on shapes; names[1] 0.05 short on flags: the smaller worst case wins
+    assert defaults["chosen"] == names[1]
+    assert defaults["learning_rate"] == 3e-3
+    tables["shapes"]["sweeps"][names[1]]["complete"] = False  # a sweep still running chooses nothing
+    assert bench.choose_defaults(tables)["chosen"] == names[0]

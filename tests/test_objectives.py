@@ -10,13 +10,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from unlearn_core import UnlearnConfig
 from unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
 from unlearn_core.objectives import SISS, EraseDiff, NegGrad, SurrogateUnlearning
-from unlearn_core.process import RectifiedFlow
+from unlearn_core.process import DDPMEpsilon, RectifiedFlow
 from unlearn_core.surgery import BALANCE_MODES, SURGERY_MODES, dot, project_off
 from unlearn_core.trainer import make_objective, train_unlearning
 from unlearn_core.weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS
@@ -39,6 +42,20 @@ class MemorisingDenoiser:
 
     def trainable_parameters(self):
         return [self.bias, self.slope]
+
+
+class InputReadingDenoiser(MemorisingDenoiser):
+    """The memorising denoiser plus a trained gain on its noisy input, so the noise draws matter."""
+
+    def __init__(self, memory: torch.Tensor):
+        super().__init__(memory)
+        self.gain = torch.nn.Parameter(torch.zeros_like(memory))
+
+    def predict_x0(self, x_t, t, cond):
+        return super().predict_x0(x_t, t, cond) + self.gain * x_t
+
+    def trainable_parameters(self):
+        return [*super().trainable_parameters(), self.gain]
 
 
 def toy_data(seed: int = 0) -> UnlearnData:
@@ -112,6 +129,28 @@ def test_native_forget_space_multiplies_lambda_by_the_process_weight():
     assert torch.allclose(loss, (t**2 * (1 / t**2) * errors).mean(), rtol=1e-5)  # lambda * w
 
 
+@pytest.mark.parametrize("family", ["flow", "ddpm"])
+def test_min_snr_forget_space_is_lambda_times_the_x0_error_capped_by_the_snr(family):
+    process = RectifiedFlow() if family == "flow" else DDPMEpsilon.from_scheduler(DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    config = UnlearnConfig(forget_batch_size=64, remember_batch_size=8, gamma=1.0, forget_space="min_snr")
+    objective = make_objective(config, process)
+    data = toy_data()
+    denoiser = MemorisingDenoiser(torch.zeros(*SHAPE))
+    plan = objective.plan(data, torch.Generator().manual_seed(3))
+    half = objective.forget_half(data, plan)
+    loss, _ = half.loss(denoiser)
+    errors = _x0_errors(objective, half, denoiser, data.forget.surrogates[0])
+    t = plan.forget_t
+    alpha, sigma = process.scales(t)
+    snr = (alpha / sigma) ** 2
+    assert ((snr < 1).any() and (snr > 1).any()), "the draws must reach both sides of SNR 1"
+    assert torch.allclose(loss, (t * snr.clamp(max=1) * errors).mean(), rtol=1e-5)
+    # where the input is mostly noise the pull is weaker than plain x0's lambda(t)
+    plain = make_objective(replace(config, forget_space="x0"), process)
+    plain_loss, _ = plain.forget_half(data, plan).loss(denoiser)
+    assert loss < plain_loss
+
+
 @pytest.mark.parametrize("remember_weight", ["full", "complement"])
 def test_remember_loss_weight(remember_weight):
     data = toy_data()
@@ -125,6 +164,26 @@ def test_remember_loss_weight(remember_weight):
     t = plan.remember_t
     weight = 1 / t**2 if remember_weight == "full" else (1 - t) / t**2
     assert torch.allclose(loss, (weight * errors).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.3])
+def test_own_noise_draws_lie_around_the_targets_own_noise(spread):
+    data = toy_data()
+    own = torch.randn(data.forget.targets.shape, generator=torch.Generator().manual_seed(9))
+    data = UnlearnData(ForgetTargets(data.forget.targets, data.forget.surrogates, noise=own), data.remember)
+    base = ours()
+    objective = SurrogateUnlearning(base.process, 64, 8, base.weights, base.surgery, own_noise_spread=spread)
+    drawn = objective.plan(data, torch.Generator().manual_seed(5)).forget_noise
+    cosine = torch.nn.functional.cosine_similarity(drawn.flatten(1), own.flatten(1).expand(len(drawn), -1))
+    # slerp by at most `spread` of the angle to a fresh draw (about 90 degrees in many dimensions)
+    assert (cosine >= torch.cos(torch.tensor(spread * torch.pi / 2)) - 0.05).all()
+    if spread == 0:
+        assert torch.allclose(drawn, own.expand_as(drawn), atol=1e-5)
+    else:
+        assert cosine.std() > 0.005  # the spread draws a neighbourhood, not one point
+    # fresh draws (no own noise, or the option off) are nearly orthogonal to it
+    fresh = ours(forget_noise="fresh").plan(data, torch.Generator().manual_seed(5)).forget_noise
+    assert torch.nn.functional.cosine_similarity(fresh.flatten(1), own.flatten(1).expand(len(fresh), -1)).abs().max() < 0.9
 
 
 def test_surgery_changes_ours_update_exactly_when_the_gradients_conflict():
@@ -171,16 +230,35 @@ def test_every_option_of_ours_changes_the_training():
     assert {"grad_norm_ratio", "grad_cosine", "projected_fraction", "forget_scale"} <= set(history[0])
     defaults = UnlearnConfig()
     for option, values in [("forget_space", FORGET_SPACES), ("remember_weight", REMEMBER_WEIGHTS),
-                           ("balance", BALANCE_MODES), ("gamma", (3.0,)), ("surgery", SURGERY_MODES),
-                           ("weighting", WEIGHTINGS)]:  # fmt: skip
+                           ("gamma", (3.0,)), ("surgery", SURGERY_MODES), ("weighting", WEIGHTINGS)]:  # fmt: skip
         for value in [v for v in values if v != getattr(defaults, option)]:
-            # a small ratio, so that cap binds too: on this toy ||g_f|| < ||g_r|| / 2
-            changed, _ = trained(**{option: value}, **({"balance_ratio": 0.05} if option == "balance" else {}))
+            changed, _ = trained(**{option: value})
             assert not torch.allclose(changed, reference), f"{option}={value!r} did not change the LoRA"
+    # every balance mode differs from every other at a ratio where cap binds (on this toy, in x0
+    # space, ||g_f|| < ||g_r|| / 2, so at the default 0.1 it may not)
+    by_mode = {mode: trained(balance=mode, balance_ratio=0.05, forget_space="x0")[0] for mode in BALANCE_MODES}
+    for a in BALANCE_MODES:
+        for b in BALANCE_MODES:
+            assert a == b or not torch.allclose(by_mode[a], by_mode[b]), f"balance {a} and {b} trained alike"
     for ratio in (0.25, 2.0):  # the ratio acts when a balance mode is on
         scaled, _ = trained(balance="scale", balance_ratio=ratio)
         other, _ = trained(balance="scale", balance_ratio=1.0)
         assert not torch.allclose(scaled, other), f"balance_ratio={ratio} did not change the LoRA"
+    # own noise acts when the targets' noise is known, and its spread then matters: the noisy
+    # points themselves differ, seen by a denoiser that reads its input
+    own = torch.randn(data.forget.targets.shape, generator=torch.Generator().manual_seed(11))
+    noisy_data = UnlearnData(ForgetTargets(data.forget.targets, data.forget.surrogates, noise=own), data.remember)
+
+    def trained_on_inputs(**options):
+        denoiser = InputReadingDenoiser(data.forget.targets[0].clone())
+        config = UnlearnConfig(steps=5, learning_rate=0.01, forget_batch_size=4, remember_batch_size=4, **options)
+        train_unlearning(denoiser, RectifiedFlow(), noisy_data, config)
+        return denoiser.gain.detach().flatten()
+
+    fresh = trained_on_inputs(forget_noise="fresh")
+    exact = trained_on_inputs(forget_noise="own", own_noise_spread=0.0)
+    spread = trained_on_inputs(forget_noise="own", own_noise_spread=0.5)
+    assert not torch.allclose(exact, fresh) and not torch.allclose(spread, exact)
 
 
 def _baseline(method, **options):

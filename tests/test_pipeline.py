@@ -11,15 +11,40 @@ from unlearn_core.cli import main
 from unlearn_core.files import tensor_hash
 from unlearn_core.lora import REPRODUCTION_KEYS
 from unlearn_core.pipeline import DemoSettings, run_demo
+from unlearn_core.seeds import preserve_seeds, remember_seeds
 
 QUICK = dict(seeds_per_class=2, sample_steps=4, remember_same_prompt=4, remember_per_other_class=1, integrity_seeds=8,
              config=UnlearnConfig(steps=3, learning_rate=1e-3, lora_rank=4, forget_batch_size=2, remember_batch_size=2))  # fmt: skip
 
 
-def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path):
+def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
+    import unlearn_core.pipeline as pipeline
+
+    generated = []  # (seeds, with LoRA) of every generate call, in order
+
+    def recording(model, process, cond_fn, labels, seeds, steps, lora=None, **kwargs):
+        generated.append((list(seeds), lora is not None))
+        return original(model, process, cond_fn, labels, seeds, steps, lora, **kwargs)
+
+    original = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", recording)
     steps = []
     report = run_demo(tmp_path, DemoSettings(**QUICK), callback=lambda step, total, m: steps.append(step))
     assert steps == [1, 2, 3]
+    # the seed rule: training's remember seeds and the check's held-out seeds come from unlearn_core.seeds, disjoint
+    target_seed = report["target"]["seed"]
+    remember = {seed for seeds, _ in generated[1:2] for seed in seeds}
+    held_out = preserve_seeds(target_seed, QUICK["integrity_seeds"])
+    assert remember == set(remember_seeds(target_seed, QUICK["remember_same_prompt"])) and not remember & set(held_out)
+    assert generated[2:] == [([target_seed], False), ([target_seed], True), (held_out, False), (held_out, True)]
+    # the verdicts are the preserve check's (the node's check), on the base regeneration of the target
+    check = report["preserve_check"]
+    assert [row["seed"] for row in check["preserve"]] == held_out
+    assert check["targets"][0]["reproduced"] is True and check["targets"][0]["ssim_base_to_target"] > 0.99
+    assert report["checks"]["forgotten"] == check["summary"]["forgetting_passed"]
+    assert report["checks"]["integrity"] == check["summary"]["integrity_passed"]
+    assert report["evaluation"]["target_copy_similarity"] == [check["targets"][0]["copy_similarity_unlearned_to_target"]]
+    assert report["evaluation"]["integrity_ssim"] == check["summary"]["mean_preserve_ssim"]
     for name in ("grid.png", "report.json", "report.html", "unlearn_lora.safetensors"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "report.json").read_text())

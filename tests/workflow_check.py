@@ -11,7 +11,10 @@ their values in `WorkflowReport.files` instead of comparing them with the option
 Widget values are positional, in the order the frontend creates widgets: every widget input in
 `input_order` (required, then optional), plus the extra value of the frontend's own widgets: an INT
 named seed/noise_seed (or with control_after_generate) gets a "control after generate" combo, an
-upload combo gets its upload button.
+upload combo gets its upload button. The pack's own nodes only ever add widgets after their older
+ones, so a workflow saved before an addition holds fewer values: the frontend fills its values into
+the leading widgets and leaves the rest at their defaults. Such a shorter list passes when its
+saved names (`widgets_values_named`) are exactly those leading widgets.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 CONTROLLED_NAMES = ("seed", "noise_seed")  # the frontend adds the control combo to these by name
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "mesh_upload", "animated_image_upload")
+PACK_PREFIX = "InstanceUnlearn_"  # the pack's node ids: widgets are only ever appended
 # Nodes the frontend defines itself (not in /object_info): their widget values.
 FRONTEND_NODES = {"Note": ("text",), "MarkdownNote": ("text",)}
 # Combos that list files under a models folder (or input/): node type -> input -> folder.
@@ -229,11 +233,11 @@ def _check_node(node: dict, definitions: dict, links: dict, files: str, report: 
     if isinstance(values, dict):
         report.problems.append(f"{where}: widgets_values is a dict (an old format); save the workflow again")
         return
-    if len(values) != len(node_widgets):
+    named = node.get("widgets_values_named")
+    if len(values) != len(node_widgets) and not saved_before_additions(node_type, values, named, node_widgets):
         report.problems.append(f"{where}: {len(values)} widget values for {len(node_widgets)} widgets "
                                f"({[w.name for w in node_widgets]})")  # fmt: skip
         return
-    named = node.get("widgets_values_named")
     for widget, value in zip(node_widgets, values):
         if named is not None and named.get(widget.name, value) != value:
             report.problems.append(f"{where}.{widget.name}: positional {value!r} and named {named[widget.name]!r} differ")
@@ -247,6 +251,13 @@ def _check_node(node: dict, definitions: dict, links: dict, files: str, report: 
     for name in required:
         if name not in linked and name not in widget_names:
             report.problems.append(f"{where}: required input {name!r} is not connected")
+
+
+def saved_before_additions(node_type: str, values: list, named: dict | None, node_widgets: list[Widget]) -> bool:
+    """A pack node saved before widgets were appended: fewer values, named after the leading widgets."""
+    if not node_type.startswith(PACK_PREFIX) or named is None or len(values) >= len(node_widgets):
+        return False
+    return list(named) == [w.name for w in node_widgets[: len(values)]]
 
 
 def normalise_definition(definition: dict, node_type: str) -> dict:

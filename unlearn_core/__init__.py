@@ -12,6 +12,8 @@ Public API (what the ComfyUI nodes and the CLI call):
 - :func:`sdedit`, :func:`repaint`: surrogate builders over any denoiser.
 - :func:`save_lora`, :func:`load_lora`, :func:`to_mmdit`, :func:`to_diffusers`: LoRA files and formats.
 - :mod:`unlearn_core.metrics`: SSIM, PSNR, LPIPS (or Unavailable), copy similarity.
+- :mod:`unlearn_core.preserve`: the preserve check the nodes and the demo run (forgetting by copy
+  similarity once the base model reproduces the target; integrity on held-out seeds).
 """
 
 from .config import UnlearnConfig

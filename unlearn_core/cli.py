@@ -1,7 +1,11 @@
-"""Command line: ``unlearn demo`` (the offline demo) and ``unlearn run CONFIG`` (your own model).
+"""Command line: the offline demo, one job on your own model, applying a result, and the queue.
 
     python -m unlearn_core demo --out out/demo
     python -m unlearn_core run my_job.json
+    python -m unlearn_core apply --model ddpm-pipeline --result forget.safetensors --out ddpm-unlearned
+    python -m unlearn_core queue /shared/queue request.json      # submit
+    python -m unlearn_core serve /shared/queue --address auto    # process on Ray (one worker per GPU)
+    python -m unlearn_core status /shared/queue
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .config import UnlearnConfig
 from .errors import InputError, UnlearnError
+from .runtime import configure_torch
 
 log = logging.getLogger("unlearn_core")
 
@@ -62,11 +66,68 @@ def _demo(args) -> int:
 
 def _run(args) -> int:
     job = read_job(Path(args.config))  # before importing the model libraries: a bad file fails at once
+    from .model_folders import ModelCache
     from .provider import run_job
 
-    result = run_job(job, base_dir=Path(args.config).parent, callback=_ProgressBar("unlearning"))
+    result = run_job(job, base_dir=Path(args.config).parent, callback=_ProgressBar("unlearning"),
+                     models=ModelCache(args.device))  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _apply(args) -> int:
+    from .apply import apply_to_folder
+
+    out = apply_to_folder(args.model, args.result, args.out, scale=args.scale)
+    print(f"wrote {out} (load it with from_pretrained)")
+    return 0
+
+
+def _submit(args) -> int:
+    from .files import safe_name
+    from .provider import plan_job
+    from .request_queue import RequestQueue
+
+    if args.name and len(args.requests) > 1:
+        raise InputError("--name names one request; submit several files without it (each takes its file's name)")
+    queue = RequestQueue(args.root)
+    for path in map(Path, args.requests):
+        request_id = safe_name(args.name or path.stem, "request name")
+        # the checks `unlearn run` makes, with paths read from the queue folder as a worker reads them
+        plan_job(read_job(path), base_dir=queue.root, out_dir=queue.outputs(request_id))
+        print(f"queued {queue.submit(path.read_bytes(), request_id)}")
+    return 0
+
+
+def _status(args) -> int:
+    from .request_queue import STATES, RequestQueue
+
+    root = Path(args.root)
+    if not (root / "pending").is_dir():
+        raise InputError(f"{str(root)!r} is not a request queue (no pending/ folder); give the folder `unlearn queue` made")
+    report = RequestQueue(root).status()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    for state in STATES:
+        print(f"{state}: {len(report[state])}")
+        for entry in report[state]:
+            detail = {"running": lambda e: f"on {e['worker']}", "failed": lambda e: e["error"],
+                      "done": lambda e: e["outputs"], "pending": lambda e: ""}[state](entry)  # fmt: skip
+            print(f"  {entry['id']}  attempts {entry['attempts']}  {detail}".rstrip())
+    return 0
+
+
+def _serve(args) -> int:
+    from .cluster import ServeSettings, serve
+
+    settings = ServeSettings(workers=args.workers, address=args.address, gpus_per_worker=args.gpus_per_worker,
+                             cpus_per_worker=args.cpus_per_worker, local_cpus=args.local_cpus,
+                             max_attempts=args.max_attempts, lease_seconds=args.lease_seconds,
+                             grace_seconds=args.grace_seconds, until_empty=args.until_empty)  # fmt: skip
+    counts = serve(args.root, settings, handle_signals=True)
+    print(json.dumps(counts))
+    return 0 if counts["failed"] == 0 else 1
 
 
 def read_job(path: Path) -> dict:
@@ -108,11 +169,39 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(handler=_demo)
     run = commands.add_parser("run", help="unlearn on your own diffusers model, described by a JSON job file")
     run.add_argument("config", help="job file (see README: 'Your own model')")
+    run.add_argument("--device", default="cpu", help="torch device to train on: cpu (default) or cuda")
     run.set_defaults(handler=_run)
+    apply = commands.add_parser("apply", help="merge a result (LoRA or full weights) into a diffusers model or pipeline folder")
+    apply.add_argument("--model", required=True, help="the base model folder, or a pipeline folder (model_index.json)")
+    apply.add_argument("--result", required=True, help="the .safetensors an unlearning job wrote (any key format)")
+    apply.add_argument("--out", required=True, help="new folder to write (must not exist)")
+    apply.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1, as trained)")
+    apply.set_defaults(handler=_apply)
+    submit = commands.add_parser("queue", help="submit job files as requests to a queue folder")
+    submit.add_argument("root", help="the queue folder (made if missing)")
+    submit.add_argument("requests", nargs="+", help="job files; relative paths in them are read from the queue folder")
+    submit.add_argument("--name", help="request id (default: the file's name without .json)")
+    submit.set_defaults(handler=_submit)
+    status = commands.add_parser("status", help="list a queue's pending, running, done and failed requests")
+    status.add_argument("root", help="the queue folder")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=_status)
+    serve = commands.add_parser("serve", help="process a queue on Ray: one worker per GPU, base models kept loaded")
+    serve.add_argument("root", help="the queue folder (on a file system every node reaches)")
+    serve.add_argument("--address", help="Ray cluster to join: auto, or HEAD:6379 (default: start a local one)")
+    serve.add_argument("--workers", type=_positive, help="worker count (default: one per GPU, else one per CPU slot)")
+    serve.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 if the cluster has GPUs, else 0)")
+    serve.add_argument("--cpus-per-worker", type=_positive, default=1, help="CPUs (and torch threads) per worker (default 1)")
+    serve.add_argument("--local-cpus", type=_positive, help="CPUs of a local cluster (default: all)")
+    serve.add_argument("--max-attempts", type=_positive, default=3, help="starts before a crashing request fails (default 3)")
+    serve.add_argument("--lease-seconds", type=float, default=600.0, help="claim lease, renewed while running (default 600)")
+    serve.add_argument("--grace-seconds", type=float, default=600.0,
+                       help="on SIGINT/SIGTERM, time running requests get to finish before release (default 600)")
+    serve.add_argument("--until-empty", action="store_true", help="exit when nothing is pending or running")
+    serve.set_defaults(handler=_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # tiny LoRA values are denormal floats that slow CPU kernels many-fold
+    configure_torch(args.threads)
     try:
         return args.handler(args)
     except UnlearnError as error:

@@ -1,11 +1,15 @@
 """The unlearning configuration: every knob, its default, its meaning, and its validation.
 
-Node widgets and CLI flags map one-to-one onto these fields. Validation names the field and
-what to change, and runs when the config is built, before any model is touched.
+Each field carries one row of the options table (:class:`Option`): its help text, the values it
+accepts (choices, or bounds) and the increments an input offers. Validation is that table, and
+the ComfyUI node builds its inputs from the same rows, so a default, a bound or a choice is
+written once, here. Validation names the field and what to change, and runs when the config is
+built, before any model is touched.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -14,103 +18,152 @@ from .objectives import OBJECTIVES, EraseDiff
 from .surgery import BALANCE_MODES, SURGERY_MODES
 from .weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS, LossWeights, make_weighting
 
-__all__ = ["UnlearnConfig", "DTYPES", "ADAPTERS"]
+__all__ = ["UnlearnConfig", "Option", "options", "DTYPES", "ADAPTERS", "FORGET_NOISES"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+FORGET_NOISES = ("own", "fresh")
 ADAPTERS = ("lora", "full")
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+@dataclass(frozen=True)
+class Option:
+    """What one config field means and accepts.
+
+    ``kind`` is "choice" (one of ``choices``), "int" or "float" (within ``low``..``high``; with
+    ``low_open`` the low end itself is refused; no ``high`` means no upper bound), "bool" or
+    "names" (module names, None for the default set). ``optional`` fields also take None, which
+    does what ``none_means`` says. ``step`` and ``round`` are the increments an input widget
+    offers; ``hint`` (what to choose) is added to a refusal.
+    """
+
+    name: str
+    kind: str
+    help: str
+    default: object
+    optional: bool = False
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    step: float | None = None
+    round: float | None = None
+    hint: str = ""
+    none_means: str = ""
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "names":
+            return isinstance(value, tuple) and bool(value) and all(isinstance(v, str) and v.strip() for v in value)
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else (int, float)):
+            return False
+        if not math.isfinite(value) or value < self.low or (self.low_open and value == self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def check(self, value) -> None:
+        """Raise the :class:`InputError` that says what is wrong and what to give instead."""
+        if not self.accepts(value):
+            raise InputError(self.refusal(value))
+
+    def refusal(self, value) -> str:
+        if self.kind == "choice":
+            return f"{self.name}={value!r} is not one of: {', '.join(self.choices)}"
+        if self.kind == "bool":
+            return f"{self.name}={value!r} must be true or false"
+        if self.kind == "names":
+            if isinstance(value, tuple) and not value:
+                return f"{self.name} is empty; give module names or None for the default set"
+            return f"{self.name}={value!r} must be module name suffixes (non-empty strings), or None for the default set"
+        text = f"{self.name}={value!r} {self.requirement()}"
+        if self.optional:
+            text += f", or None {self.none_means}"
+        return f"{text}; {self.hint}" if self.hint else text
+
+    def requirement(self) -> str:
+        if self.kind == "int":
+            return f"must be a whole number in [{self.low}, {self.high}]"
+        if self.high is None:
+            return "must be positive" if self.low == 0 and self.low_open else f"must be a finite number >= {self.low:g}"
+        return f"must lie in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+def _help(text: str, *, default, **option):
+    """A config field with its help text and its row of the options table (see :class:`Option`)."""
+    return field(metadata={"help": text, "option": option}, default=default)
+
+
+_KINDS = {"int": "int", "float": "float", "str": "choice", "bool": "bool", "tuple[str, ...]": "names"}
 
 
 @dataclass
 class UnlearnConfig:
-    method: str = _help(
-        "surrogate (ours), or a baseline for comparison: neggrad, erasediff, siss", default="surrogate"
-    )
-    steps: int = _help("optimizer steps; the paper used 100 for SD3 (LoRA)", default=100)
-    learning_rate: float = _help("AdamW learning rate", default=1e-4)
-    adapter: str = _help("lora (a small file, base untouched) or full (fine-tune a copy)", default="lora")
-    lora_rank: int = _help("LoRA rank r", default=8)
-    lora_alpha: float | None = _help("LoRA alpha; scale = alpha / rank. None means alpha = rank", default=None)
+    method: str = _help("surrogate (ours), or a baseline for comparison: neggrad, erasediff, siss",
+                        choices=OBJECTIVES, default="surrogate")  # fmt: skip
+    steps: int = _help("optimizer steps; the paper used 100 for SD3 (LoRA)",
+                       low=1, high=1_000_000, hint="zero steps would train nothing", default=100)  # fmt: skip
+    learning_rate: float = _help("AdamW learning rate", low=0, low_open=True, high=0.1, step=1e-5, round=1e-7,
+                                 hint="LoRA unlearning uses about 1e-5 to 1e-3", default=1e-4)  # fmt: skip
+    adapter: str = _help("lora (a small file, base untouched) or full (fine-tune a copy)",
+                         choices=ADAPTERS, default="lora")  # fmt: skip
+    lora_rank: int = _help("LoRA rank r", low=1, high=1024, default=8)
+    lora_alpha: float | None = _help("LoRA alpha; scale = alpha / rank. None means alpha = rank",
+                                     low=0, low_open=True, step=0.5, none_means="for alpha = rank", default=None)  # fmt: skip
     target_modules: tuple[str, ...] | None = _help(
         "module name suffixes that get a LoRA; None uses the backend's default set", default=None
     )
-    forget_batch_size: int = _help("forget samples (noise draws of the targets) per step", default=4)
-    remember_batch_size: int = _help("remember samples per step", default=4)
-    weighting: str = _help("lambda(t) schedule: power (t^gamma) or constant", default="power")
+    forget_batch_size: int = _help("forget samples (noise draws of the targets) per step",
+                                   low=1, high=4096, default=4)  # fmt: skip
+    remember_batch_size: int = _help("remember samples per step", low=1, high=4096, default=4)
+    weighting: str = _help("lambda(t) schedule: power (t^gamma) or constant",
+                           choices=WEIGHTINGS, default="power")  # fmt: skip
     gamma: float = _help("exponent of the power schedule; larger forgets only at high noise and keeps more of the "
-                         "rest, but can forget less (README: the weighting exponent)", default=1.0)  # fmt: skip
-    constant_lambda: float = _help("lambda for the constant schedule", default=0.5)
+                         "rest, but can forget less (README: the weighting exponent)",
+                         low=0, high=20, step=0.1, hint="1 to 4 is the useful range", default=1.0)  # fmt: skip
+    constant_lambda: float = _help("lambda for the constant schedule", low=0, high=1, step=0.05, default=0.5)
     forget_space: str = _help("where lambda(t) weights the forget loss: x0 (lambda is its effective weight over t, "
-                              "rising with noise) or native (lambda times the eps/v weight, which peaks at low noise)",
-                              default="x0")  # fmt: skip
+                              "rising with noise), min_snr (x0 times min(SNR, 1): no pull on pure-noise inputs, "
+                              "acts at middle noise) or native (lambda times the eps/v "
+                              "weight, which peaks at low noise)",
+                              choices=FORGET_SPACES, default="min_snr")  # fmt: skip
     remember_weight: str = _help("weight of the remember loss: full (at every t) or complement (1 - lambda(t))",
-                                 default="full")  # fmt: skip
+                                 choices=REMEMBER_WEIGHTS, default="full")  # fmt: skip
     balance: str = _help("bound the forget gradient relative to the remember gradient before surgery: scale "
                          "(to balance_ratio times its norm every step), cap (only when larger) or none; "
-                         "beyond the paper, after SISS's normalised forget gradient", default="none")  # fmt: skip
+                         "beyond the paper, after SISS's normalised forget gradient",
+                         choices=BALANCE_MODES, default="cap")  # fmt: skip
     balance_ratio: float = _help("rho: the forget gradient's norm as a multiple of the remember gradient's",
-                                 default=0.5)  # fmt: skip
-    surgery: str = _help("gradient surgery: project_forget (ours), none, pcgrad_both", default="project_forget")
-    seed: int = _help("seed for every random draw of training", default=0)
-    grad_clip: float | None = _help("clip the update's global norm to this; None disables", default=1.0)
-    dtype: str = _help("compute dtype: float32, bfloat16 or float16 (autocast)", default="float32")
+                                 low=0, low_open=True, high=100, step=0.05, hint="0.1 to 1 is the useful range", default=0.1)  # fmt: skip
+    forget_noise: str = _help("noise of ours' forget draws: own (the noise each target was sampled from, slerped "
+                              "towards fresh noise by up to own_noise_spread: the target's own sampling path; "
+                              "fresh where a target's noise is unknown) or fresh (any noise, as the paper)",
+                              choices=FORGET_NOISES, default="own")  # fmt: skip
+    own_noise_spread: float = _help("how far own forget draws stray from the target's noise: the largest slerp "
+                                    "weight towards fresh noise (0 = exactly its noise, 1 = anywhere)",
+                                    low=0, high=1, step=0.05, default=0.3)  # fmt: skip
+    surgery: str = _help("gradient surgery: project_forget (ours), none, pcgrad_both",
+                         choices=SURGERY_MODES, default="project_forget")  # fmt: skip
+    seed: int = _help("seed for every random draw of training", low=0, high=2**64 - 1, default=0)
+    grad_clip: float | None = _help("clip the update's global norm to this; None disables",
+                                    low=0, low_open=True, step=0.1, none_means="to disable clipping", default=1.0)  # fmt: skip
+    dtype: str = _help("compute dtype: float32, bfloat16 or float16 (autocast)",
+                       choices=DTYPES, default="float32")  # fmt: skip
     gradient_checkpointing: bool = _help("trade compute for memory on large models", default=False)
-    erasediff_eta: float = _help("EraseDiff baseline: eta of the first-order update", default=1.0)
+    erasediff_eta: float = _help("EraseDiff baseline: eta of the first-order update", low=0, step=0.1, default=1.0)
     erasediff_noise: str = _help("EraseDiff baseline: the unrelated target noise, gaussian or uniform (its paper)",
-                                 default="gaussian")  # fmt: skip
-    siss_scale: float = _help("SISS baseline: forget-gradient norm relative to the keep gradient", default=0.5)
+                                 choices=EraseDiff.NOISES, default="gaussian")  # fmt: skip
+    siss_scale: float = _help("SISS baseline: forget-gradient norm relative to the keep gradient",
+                              low=0, low_open=True, step=0.05, default=0.5)  # fmt: skip
 
     def __post_init__(self):
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
-        self._choice("method", OBJECTIVES)
-        self._choice("adapter", ADAPTERS)
-        self._choice("weighting", WEIGHTINGS)
-        self._choice("surgery", SURGERY_MODES)
-        self._choice("forget_space", FORGET_SPACES)
-        self._choice("remember_weight", REMEMBER_WEIGHTS)
-        self._choice("balance", BALANCE_MODES)
-        self._choice("erasediff_noise", EraseDiff.NOISES)
-        self._choice("dtype", DTYPES)
-        self._whole("steps", 1, 1_000_000, "zero steps would train nothing")
-        self._whole("lora_rank", 1, 1024, "")
-        self._whole("forget_batch_size", 1, 4096, "")
-        self._whole("remember_batch_size", 1, 4096, "")
-        if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 0.1):
-            raise InputError(
-                f"learning_rate={self.learning_rate} is outside (0, 0.1]; LoRA unlearning uses about "
-                "1e-5 to 1e-3"
-            )
-        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise InputError(f"lora_alpha={self.lora_alpha} must be positive (or None for alpha = rank)")
-        if not (math.isfinite(self.gamma) and 0 <= self.gamma <= 20):
-            raise InputError(f"gamma={self.gamma} must lie in [0, 20]; 1 to 4 is the useful range")
-        if not (math.isfinite(self.balance_ratio) and 0 < self.balance_ratio <= 100):
-            raise InputError(f"balance_ratio={self.balance_ratio} must lie in (0, 100]; 0.1 to 1 is the useful range")
-        if not (math.isfinite(self.erasediff_eta) and self.erasediff_eta >= 0):
-            raise InputError(f"erasediff_eta={self.erasediff_eta} must be a finite number >= 0")
-        if not (math.isfinite(self.siss_scale) and self.siss_scale > 0):
-            raise InputError(f"siss_scale={self.siss_scale} must be positive")
-        if not 0 <= self.constant_lambda <= 1:
-            raise InputError(f"constant_lambda={self.constant_lambda} must lie in [0, 1]")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise InputError(f"grad_clip={self.grad_clip} must be positive, or None to disable clipping")
-        if self.target_modules is not None and not self.target_modules:
-            raise InputError("target_modules is empty; give module names or None for the default set")
-
-    def _choice(self, name: str, allowed: tuple[str, ...]) -> None:
-        value = getattr(self, name)
-        if value not in allowed:
-            raise InputError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
-
-    def _whole(self, name: str, low: int, high: int, why: str) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            hint = f" ({why})" if why else ""
-            raise InputError(f"{name}={value!r} must be a whole number in [{low}, {high}]{hint}")
+        for option in options().values():
+            option.check(getattr(self, option.name))
 
     @property
     def effective_alpha(self) -> float:
@@ -139,3 +192,18 @@ class UnlearnConfig:
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@functools.cache
+def options() -> dict[str, Option]:
+    """The options table: one :class:`Option` per field of :class:`UnlearnConfig`, in field order."""
+    table = {}
+    for f in fields(UnlearnConfig):
+        # annotations are strings here (PEP 563): "float | None" is an optional float
+        parts = [part.strip() for part in f.type.split("|")]
+        kind = _KINDS["".join(part for part in parts if part != "None")]
+        option = Option(f.name, kind, f.metadata["help"], f.default, optional="None" in parts, **f.metadata["option"])
+        if (kind == "choice" and not option.choices) or (kind in ("int", "float") and option.low is None):
+            raise TypeError(f"UnlearnConfig.{f.name}: a {kind} field needs {'choices' if kind == 'choice' else 'a low bound'}")
+        table[f.name] = option
+    return table

@@ -41,6 +41,9 @@ class ForgetTargets:
     targets: torch.Tensor
     surrogates: torch.Tensor
     cond: Conditioning = field(default_factory=dict)
+    #: the noise each target was sampled from (its seed's), when known: ours draws its forget
+    #: points around the target's own sampling path (``UnlearnConfig.forget_noise``)
+    noise: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.targets.dim() != 4 or len(self.targets) == 0:
@@ -55,6 +58,13 @@ class ForgetTargets:
             )
         _check_finite("a forget target", self.targets)
         _check_finite("a surrogate", self.surrogates)
+        if self.noise is not None:
+            if self.noise.shape != self.targets.shape:
+                raise InputError(
+                    f"target noise {tuple(self.noise.shape)} does not match targets {tuple(self.targets.shape)}; "
+                    "give the noise each target was sampled from"
+                )
+            _check_finite("a target's noise", self.noise)
         _check_cond("the forget set", self.cond, len(self.targets))
 
     def unchanged(self) -> list[int]:

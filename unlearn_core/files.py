@@ -14,7 +14,9 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["safe_name", "safe_child", "atomic_path", "atomic_write_bytes", "atomic_write_text", "tensor_hash"]
+__all__ = [
+    "safe_name", "safe_child", "atomic_path", "atomic_write_bytes", "atomic_write_text", "tensor_hash", "file_sha256",
+]  # fmt: skip
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
@@ -102,3 +104,12 @@ def tensor_hash(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (full hex), read in chunks so that model-sized files fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -44,6 +44,8 @@ __all__ = [
     "reproduction_metadata",
     "REPRODUCTION_KEYS",
     "KEY_FORMATS",
+    "safetensors_bytes",
+    "safetensors_header",
 ]
 
 KEY_FORMATS = ("comfy", "diffusers")
@@ -302,19 +304,34 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
     (The reference writer keeps metadata in a hash map whose order changes between runs.)
     """
+    header, ordered = safetensors_header(tensors, metadata)
+    return header + b"".join(tensor_bytes(tensor) for _, tensor in ordered)
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list]:
+    """The length-prefixed header and the (key, tensor) pairs in the order their bytes follow it.
+
+    Writers that stream large tensors one at a time (full fine-tuning results) share it with
+    :func:`safetensors_bytes`, so both give the same bytes for the same tensors.
+    """
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks, offset = [], 0
+    ordered, offset = [], 0
     for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
+        tensor = tensors[key]
         if tensor.dtype not in _DTYPES:
-            raise InputError(f"tensor {key!r} has dtype {tensor.dtype}, which LoRA files do not use")
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+            raise InputError(f"tensor {key!r} has dtype {tensor.dtype}, which these files do not use")
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        ordered.append((key, tensor))
+        offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
-    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
+    return len(encoded).to_bytes(8, "little") + encoded, ordered
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's raw little-endian bytes, as safetensors stores them."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def load_lora(path: str | Path) -> LoraWeights:

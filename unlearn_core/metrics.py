@@ -1,18 +1,22 @@
 """Image metrics for forgetting and integrity (METHOD.md section 8).
 
-All functions take image batches (N, C, H, W) with values in [0, 1] and return per-sample
-tensors (N,). LPIPS needs a pretrained backbone that cannot be downloaded everywhere: when it
+All functions take image batches (N, C, H, W) with values in [0, 1] (:func:`to_unit` maps model
+space [-1, 1] there) and return per-sample tensors (N,). LPIPS needs a pretrained backbone that cannot be downloaded everywhere: when it
 is missing, :func:`load_lpips` returns an :class:`Unavailable` that says why, never a number
 computed from random weights.
 
 Copy similarity (did the model reproduce the target?) is pluggable: any
 :class:`CopyDetector` embeds images; the score is the cosine of embeddings. An SSCD TorchScript
 file (the paper's detector, score < 0.4 = forgotten) plugs in with :class:`TorchScriptCopyDetector`.
+
+:func:`judge_forgetting` is the verdict on one target; :mod:`unlearn_core.preserve` runs the
+whole preserve check on these metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from pytorch_msssim import ssim as _ssim
 from .errors import InputError
 
 __all__ = [
+    "to_unit",
     "ssim",
     "psnr",
     "Unavailable",
@@ -34,12 +39,18 @@ __all__ = [
     "TorchScriptCopyDetector",
     "copy_similarity",
     "compare_images",
+    "frechet_distance",
     "SAME_OUTPUT_SSIM",
     "ForgettingVerdict",
     "judge_forgetting",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> [0, 1]."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -148,7 +159,13 @@ class TorchScriptCopyDetector(CopyDetector):
     def __init__(self, path: str | os.PathLike, size: int = 288):
         if not Path(path).is_file():
             raise InputError(f"copy-detector file {str(path)!r} does not exist")
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        try:
+            self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as error:  # not a TorchScript archive, or a damaged one
+            raise InputError(
+                f"copy-detector file {str(path)!r} is not a TorchScript model ({type(error).__name__}); "
+                "give an SSCD TorchScript file such as sscd_disc_mixup.torchscript.pt"
+            ) from None
         self.size = size
 
     @torch.no_grad()
@@ -173,6 +190,33 @@ def compare_images(a: torch.Tensor, b: torch.Tensor, lpips_model=None) -> dict[s
     return result
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    r"""Fréchet distance between Gaussian fits of two feature sets (FID's formula), or None with
+    fewer than two samples on a side (no covariance).
+
+    .. math:: \lVert \mu_a - \mu_b \rVert^2 + \operatorname{tr} C_a + \operatorname{tr} C_b
+              - 2 \operatorname{tr} (C_a^{1/2} C_b C_a^{1/2})^{1/2}
+
+    With centred samples :math:`A` (n x d) and :math:`B` (m x d), :math:`C_a C_b` has the same
+    non-zero eigenvalues as :math:`(A B^\top)(A B^\top)^\top / ((n-1)(m-1))`, so the last trace
+    is the sum of the singular values of the n x m matrix :math:`A B^\top` over
+    :math:`\sqrt{(n-1)(m-1)}`: exact, stable when the covariances are singular (fewer samples
+    than feature dimensions, the usual case), and cheap for wide features such as pixels.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise InputError(f"feature sets must be (n, d) and (m, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+    n, m = len(a), len(b)
+    if n < 2 or m < 2:
+        return None
+    a, b = a.double(), b.double()
+    centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+    trace_a = centred_a.pow(2).sum() / (n - 1)
+    trace_b = centred_b.pow(2).sum() / (m - 1)
+    trace_root = torch.linalg.svdvals(centred_a @ centred_b.T).sum() / math.sqrt((n - 1) * (m - 1))
+    mean_gap = (a.mean(0) - b.mean(0)).pow(2).sum()
+    return float(mean_gap + trace_a + trace_b - 2 * trace_root)
+
+
 #: SSIM at which a regeneration counts as the same output: replaying the recorded settings on the
 #: same model gives about 0.9999; a different negative prompt or cfg gives about 0.3 (COMFYUI.md).
 SAME_OUTPUT_SSIM = 0.9
@@ -184,36 +228,39 @@ class ForgettingVerdict:
 
     Forgetting is only meaningful when the *base* model, replaying the target's recorded settings,
     reproduces the target: otherwise the unlearned model's output differs from the target
-    whatever the LoRA did, and ``forgotten`` is None with the reason.
+    whatever the LoRA did, and ``forgotten`` is None with the reason. Reproduction is measured
+    by SSIM (an exact replay is a pixel match); forgetting by copy similarity (the method's
+    definition: the target is no longer a copy).
     """
 
-    base_similarity: float
+    reproduction_ssim: float
     unlearned_similarity: float
     reproduced: bool
     forgotten: bool | None
     reason: str
 
     def as_dict(self) -> dict:
-        return {"similarity_base_to_target": self.base_similarity, "similarity_unlearned_to_target": self.unlearned_similarity,
+        return {"reproduction_ssim": self.reproduction_ssim, "similarity_unlearned_to_target": self.unlearned_similarity,
                 "reproduced": self.reproduced, "forgotten": self.forgotten, "reason": self.reason}  # fmt: skip
 
 
 def judge_forgetting(
-    base_similarity: float,
+    reproduction_ssim: float,
     unlearned_similarity: float,
     forget_threshold: float,
-    same_output_level: float,
+    same_output_level: float = SAME_OUTPUT_SSIM,
     why_not_reproduced: list[str] | None = None,
 ) -> ForgettingVerdict:
-    """The verdict from two similarities to the target (the same measure for both): the base
-    model's regeneration must reach ``same_output_level``; the target is then forgotten when the
-    unlearned model's regeneration is at most ``forget_threshold``."""
-    if base_similarity < same_output_level:
+    """The verdict on one target: the base model's regeneration must reach ``same_output_level``
+    in SSIM to the target; the target is then forgotten when the unlearned model's regeneration
+    has a copy similarity to it below ``forget_threshold``."""
+    if reproduction_ssim < same_output_level:
         causes = "; ".join(why_not_reproduced or []) or "the model, the sampler settings or the host differ from those that made it"
-        reason = (f"cannot verify forgetting: the base model does not reproduce this target (similarity "
-                  f"{base_similarity:.3f} < {same_output_level:g}); {causes}")  # fmt: skip
-        return ForgettingVerdict(base_similarity, unlearned_similarity, False, None, reason)
-    forgotten = unlearned_similarity <= forget_threshold
-    reason = (f"{'forgotten' if forgotten else 'not forgotten'}: the unlearned model's regeneration has similarity "
-              f"{unlearned_similarity:.3f} {'<=' if forgotten else '>'} {forget_threshold:g} (the base model's: {base_similarity:.3f})")  # fmt: skip
-    return ForgettingVerdict(base_similarity, unlearned_similarity, True, forgotten, reason)
+        reason = (f"cannot verify forgetting: the base model does not reproduce this target (SSIM "
+                  f"{reproduction_ssim:.3f} < {same_output_level:g}); {causes}")  # fmt: skip
+        return ForgettingVerdict(reproduction_ssim, unlearned_similarity, False, None, reason)
+    forgotten = unlearned_similarity < forget_threshold
+    reason = (f"{'forgotten' if forgotten else 'not forgotten'}: the unlearned model's regeneration has copy similarity "
+              f"{unlearned_similarity:.3f} {'<' if forgotten else '>='} {forget_threshold:g} to the target "
+              f"(the base model reproduces it: SSIM {reproduction_ssim:.3f})")  # fmt: skip
+    return ForgettingVerdict(reproduction_ssim, unlearned_similarity, True, forgotten, reason)

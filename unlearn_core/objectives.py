@@ -19,6 +19,7 @@ halves is always the native (eps/v) MSE, whatever the weights, so the curves sta
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,8 +28,11 @@ import torch
 from .data import UnlearnData
 from .denoiser import Conditioning, Denoiser, select
 from .process import ForwardProcess, x0_space_loss
+from .sampling import slerp
 from .surgery import combine_gradients, dot
 from .weighting import LossWeights
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "StepPlan",
@@ -166,18 +170,38 @@ class SurrogateUnlearning(Objective):
     name = "surrogate"
 
     def __init__(self, process, forget_batch, remember_batch, weights: LossWeights, surgery: str,
-                 balance: str = "none", balance_ratio: float = 0.5):  # fmt: skip
+                 balance: str = "none", balance_ratio: float = 0.5, own_noise_spread: float | None = None):  # fmt: skip
         super().__init__(process, forget_batch, remember_batch)
         self.weights = weights
         self.surgery = surgery
         self.balance = balance
         self.balance_ratio = balance_ratio
+        self.own_noise_spread = own_noise_spread
+        self._told_fresh = False
+
+    def plan(self, data, generator):
+        """With ``own_noise_spread`` and the targets' own noise known, the forget draws are that
+        noise slerped towards fresh noise by U(0, spread): points on and around the path that
+        sampled the target, rather than anywhere on the noise shell. Near t = 1 every seed's path
+        starts from noise that looks alike, so fresh draws there pull every output of the
+        conditioning towards the surrogate; the target's own path is where it differs from them."""
+        plan = super().plan(data, generator)
+        if self.own_noise_spread is not None and data.forget.noise is None and not self._told_fresh:
+            log.warning("forget_noise=own, but the targets' sampling noise is unknown (no seed recorded): "
+                        "their forget draws use fresh noise")  # fmt: skip
+            self._told_fresh = True
+        if self.own_noise_spread is not None and data.forget.noise is not None:
+            own = data.forget.noise[plan.forget_index.to(data.forget.noise.device)].cpu().float()
+            weight = torch.rand(len(own), generator=generator) * self.own_noise_spread
+            plan.forget_noise = slerp(own, plan.forget_noise, weight)
+        return plan
 
     def forget_half(self, data, plan):
         targets, surrogates, cond, noise, t = self._forget_batch(data, plan)
         native = self.process.x0_loss_weight(t)
-        return HalfBatch(self.process.add_noise(targets, noise, t), t, cond,
-                         _weighted(surrogates, native, self.weights.forget(t, native)))  # fmt: skip
+        alpha, sigma = self.process.scales(t)
+        weights = self.weights.forget(t, native, (alpha / sigma) ** 2)
+        return HalfBatch(self.process.add_noise(targets, noise, t), t, cond, _weighted(surrogates, native, weights))
 
     def remember_half(self, data, plan):
         return self._remember_half(data, plan, self.weights.remember)

@@ -2,8 +2,8 @@
 
 :func:`run_demo` runs it on the embedded flags model (an SD3-architecture rectified-flow
 transformer trained by ``benchmarks/train_demo_models.py``) and writes a before/after grid,
-the LoRA and a JSON + HTML report; :func:`evaluate` is the preserve check both the demo and the
-benchmark use.
+the LoRA and a JSON + HTML report. Its preserve check is :func:`unlearn_core.preserve.check_preservation`,
+the one the ComfyUI node runs; its seeds follow :mod:`unlearn_core.seeds`.
 """
 
 from __future__ import annotations
@@ -30,18 +30,16 @@ from .errors import InputError
 from .files import atomic_path, atomic_write_text, tensor_hash
 from .forget_set import ForgetSetStore
 from .lora import LoraWeights, reproduction_metadata, save_lora
-from .metrics import copy_similarity, load_lpips, lpips_distance, psnr, ssim
+from .metrics import load_lpips, ssim, to_unit
+from .preserve import PreservePair, TargetImages, Thresholds, check_preservation, evaluate
 from .sampling import sample, seeded_noise
+from .seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
 from .surrogate import repaint, sdedit
 
+# evaluate and to_unit live in preserve / metrics; importable here for the benchmarks that use them
 __all__ = ["DemoSettings", "run_demo", "evaluate", "generate", "to_unit"]
 
 log = logging.getLogger(__name__)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] -> [0, 1]."""
-    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -57,67 +55,6 @@ def generate(model, process, cond_fn: Callable, labels: list[int], seeds: list[i
             noise = seeded_noise(chunk_seeds, shape)
             outputs.append(sample(denoiser, process, noise, cond_fn(chunk_labels), steps, clip=clip))
     return torch.cat(outputs).clamp(-1, 1)
-
-
-@dataclass
-class Evaluation:
-    """Forgetting on the targets and integrity on other seeds, base vs unlearned (same seeds)."""
-
-    target_copy_similarity: list[float]
-    target_ssim: list[float]
-    forgotten: list[bool]
-    integrity_ssim: float
-    integrity_psnr: float
-    integrity_lpips: float | str
-    feature_distance: float | None = None
-    details: dict = field(default_factory=dict)
-
-
-def evaluate(
-    base_targets: torch.Tensor,
-    unlearned_targets: torch.Tensor,
-    base_others: torch.Tensor,
-    unlearned_others: torch.Tensor,
-    detector,
-    forget_threshold: float,
-    lpips_model=None,
-) -> Evaluation:
-    """All images in [-1, 1]; targets and others regenerated from the same seeds."""
-    similarity = copy_similarity(detector, to_unit(unlearned_targets), to_unit(base_targets))
-    target_ssim = ssim(to_unit(unlearned_targets), to_unit(base_targets))
-    others_ssim = ssim(to_unit(base_others), to_unit(unlearned_others))
-    others_psnr = psnr(to_unit(base_others), to_unit(unlearned_others))
-    if lpips_model is None or not lpips_model:
-        lpips_value: float | str = getattr(lpips_model, "reason", "LPIPS not requested")
-    else:
-        lpips_value = float(lpips_distance(lpips_model, to_unit(base_others), to_unit(unlearned_others)).mean())
-    base_features = detector.embed(to_unit(base_others))
-    new_features = detector.embed(to_unit(unlearned_others))
-    return Evaluation(
-        target_copy_similarity=similarity.tolist(),
-        target_ssim=target_ssim.tolist(),
-        forgotten=(similarity < forget_threshold).tolist(),
-        integrity_ssim=float(others_ssim.mean()),
-        integrity_psnr=float(others_psnr.mean()),
-        integrity_lpips=lpips_value,
-        feature_distance=frechet_distance(base_features, new_features),
-    )
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussian fits of two feature sets (FID's formula).
-
-    tr(sqrt(C_a C_b)) is computed as the sum of square roots of the eigenvalues of the PSD
-    matrix C_a^1/2 C_b C_a^1/2, which stays stable when the covariances are singular (fewer
-    samples than feature dimensions).
-    """
-    a, b = a.double(), b.double()
-    mean_a, mean_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
-    trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return float(((mean_a - mean_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * trace_root)
 
 
 # --- the demo ----------------------------------------------------------------------------------
@@ -146,6 +83,9 @@ class DemoSettings:
         for name in ("seeds_per_class", "sample_steps", "remember_same_prompt", "integrity_seeds"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1")
+        for name in ("remember_same_prompt", "remember_per_other_class"):
+            if not 0 <= getattr(self, name) <= MAX_REMEMBER:
+                raise InputError(f"{name}={getattr(self, name)} must lie in [0, {MAX_REMEMBER}] (the seed rule's remember range)")
         if not 0 < self.strength <= 1:
             raise InputError(f"strength={self.strength} must lie in (0, 1]; 0.3-0.7 edits mildly (sdedit), 1.0 repaints fully")
 
@@ -218,15 +158,17 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
         surrogate = repaint(denoiser, process, target, mask, target_cond, settings.strength, settings.sample_steps, seed=1)
     surrogate = surrogate.clamp(-1, 1)
 
-    # 4. remember set: other seeds of the same prompt (the paper's choice) plus a few of each other class
+    # 4. remember set: other seeds of the same prompt (the paper's choice) plus a few of each other class,
+    # all from the seed rule's remember range, so the preserve check never sees an output training saw
     remember_labels = [target_label] * settings.remember_same_prompt
-    remember_seeds = [10_000 + s for s in range(settings.remember_same_prompt)]
+    training_seeds = remember_seeds(target_seed, settings.remember_same_prompt)
     for other in range(len(classes)):
         if other != target_label:
             remember_labels += [other] * settings.remember_per_other_class
-            remember_seeds += [20_000 + other * 100 + s for s in range(settings.remember_per_other_class)]
-    remember = generate(model, process, cond_fn, remember_labels, remember_seeds, settings.sample_steps)
-    data = UnlearnData(ForgetTargets(target, surrogate, target_cond), RememberSet(remember, cond_fn(remember_labels)))
+            training_seeds += remember_seeds(target_seed, settings.remember_per_other_class)
+    remember = generate(model, process, cond_fn, remember_labels, training_seeds, settings.sample_steps)
+    own_noise = seeded_noise([target_seed], tuple(target.shape[1:]))  # the noise that sampled the target
+    data = UnlearnData(ForgetTargets(target, surrogate, target_cond, own_noise), RememberSet(remember, cond_fn(remember_labels)))
 
     # 5. train the unlearning LoRA
     outcome = unlearn_diffusers(model, process, data, settings.config, callback=callback)
@@ -238,22 +180,28 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     )
     lora_file = save_lora(out / "unlearn_lora.safetensors", lora, "diffusers", metadata)
 
-    # 6. preserve check: same seeds, base vs unlearned
-    integrity_pairs = [(c, 50_000 + s) for s in range(settings.integrity_seeds) for c in [s % len(classes)]]
-    integrity_labels = [c for c, _ in integrity_pairs]
-    integrity_seeds = [s for _, s in integrity_pairs]
+    # 6. preserve check (the node's): the target's seed regenerated by the base model (it must reproduce
+    # the target) and the unlearned one, and held-out seeds of every class, base vs unlearned
+    integrity_seeds = preserve_seeds(target_seed, settings.integrity_seeds)
+    integrity_labels = [index % len(classes) for index in range(len(integrity_seeds))]
+    before_target = generate(model, process, cond_fn, [target_label], [target_seed], settings.sample_steps)
     after_target = generate(model, process, cond_fn, [target_label], [target_seed], settings.sample_steps, lora)
     base_others = generate(model, process, cond_fn, integrity_labels, integrity_seeds, settings.sample_steps)
     after_others = generate(model, process, cond_fn, integrity_labels, integrity_seeds, settings.sample_steps, lora)
-    detector = demo_model.flag_copy_detector(classifier)
-    evaluation = evaluate(target, after_target, base_others, after_others, detector, settings.forget_threshold,
-                          load_lpips())  # fmt: skip
+    check = check_preservation(
+        [TargetImages(record.id, to_unit(target[0]), to_unit(before_target[0]), to_unit(after_target[0]), target_seed)],
+        [PreservePair(to_unit(base), to_unit(after), {"prompt": classes[label], "seed": seed})
+         for base, after, label, seed in zip(base_others, after_others, integrity_labels, integrity_seeds, strict=True)],
+        demo_model.flag_copy_detector(classifier), Thresholds(settings.forget_threshold, settings.integrity_ssim_min),
+        load_lpips(),
+    )  # fmt: skip
+    evaluation = check.evaluation
     after_predicted, after_confidence = demo_model.classify_flags(classifier, after_target)
     base_intact = all(tensor_hash(p) == base_fingerprint[n] for n, p in model.state_dict().items())
 
     checks = {
-        "forgotten": all(evaluation.forgotten),
-        "integrity": evaluation.integrity_ssim >= settings.integrity_ssim_min,
+        "forgotten": check.summary["forgetting_passed"],
+        "integrity": check.summary["integrity_passed"],
         "base_model_untouched": base_intact,
     }
     report = {
@@ -265,8 +213,8 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
         "training": {"steps": settings.config.steps, "seconds": train_seconds,
                      "final": outcome.training.final, "config": settings.config.to_dict()},  # fmt: skip
         "evaluation": asdict(evaluation),
-        "thresholds": {"forget_copy_similarity_below": settings.forget_threshold,
-                       "integrity_ssim_at_least": settings.integrity_ssim_min},  # fmt: skip
+        "preserve_check": check.as_dict(),
+        "thresholds": check.summary["thresholds"],
         "integrity_seeds": settings.integrity_seeds,
         "checks": checks,
         "passed": all(checks.values()),

@@ -1,8 +1,9 @@
 """Unlearning on your own diffusers model, outside ComfyUI, from a JSON job file.
 
-A job names a model folder (``SD3Transformer2DModel`` or ``UNet2DModel``, as written by
-``save_pretrained``), a safetensors file with the targets in the model's input space and their
-conditioning, optionally surrogates and a remember set, the training config, and the output::
+A job names a model (a diffusers pipeline folder, or a model folder; see
+:mod:`unlearn_core.model_folders`), a safetensors file with the targets in the model's input space
+and their conditioning, optionally surrogates and a remember set, the training config, and the
+output::
 
     {
       "model": {"path": "sd35/transformer", "kind": "sd3", "shift": 3.0},
@@ -18,13 +19,27 @@ The targets file holds ``targets`` (N, C, H, W), optionally ``surrogates`` of th
 ``remember`` (M, C, H, W), and conditioning tensors with a batch dimension of N (for the targets)
 and, prefixed with ``remember.``, of M. SD3 needs ``encoder_hidden_states`` and
 ``pooled_projections``; unconditional UNets need none. Relative paths are read from the job
-file's folder; the output path must stay inside it.
+file's folder; the output path must stay inside the output folder.
+
+A job writes, next to its output ``NAME.safetensors`` (a LoRA, or with ``adapter: "full"`` every
+weight of the fine-tuned model, see :mod:`unlearn_core.full_weights`):
+
+- ``NAME.training.safetensors``: the targets, surrogates and remember set it trained on, with
+  their conditioning, in the targets-file format (give it as ``targets`` to train on exactly
+  the same data again);
+- ``NAME.preview.png``: targets, surrogates and remember samples (:mod:`unlearn_core.previews`);
+- ``NAME.report.json``: the result, the sample ranges, and the sha256 of every file; written
+  last, so a report means the other files are complete.
+
+Nothing is written unless training succeeds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,57 +49,33 @@ from .backends.diffusers_backend import DiffusersDenoiser, unlearn_diffusers
 from .config import UnlearnConfig
 from .data import ForgetTargets, RememberSet, UnlearnData
 from .errors import InputError
-from .files import safe_child, tensor_hash
-from .lora import KEY_FORMATS, reproduction_metadata, save_lora
-from .process import DDPMEpsilon, RectifiedFlow
+from .files import atomic_path, atomic_write_text, file_sha256, safe_child, tensor_hash
+from .full_weights import save_full_weights
+from .lora import KEY_FORMATS, reproduction_metadata, safetensors_bytes, save_lora
+from .model_folders import LoadedModel, ModelCache, ModelSource, locate
+from .previews import save_training_preview
+from .process import ForwardProcess
 from .sampling import sample, seeded_noise
 from .surrogate import sdedit
 
-__all__ = ["run_job", "load_model"]
+__all__ = ["run_job", "plan_job", "JobPlan", "OUTPUT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 KNOWN_KEYS = {"model", "targets", "surrogate", "remember", "config", "output", "key_format"}
+SURROGATE_KEYS = {"method", "strength", "steps", "seed"}
+REMEMBER_KEYS = {"generate", "steps"}
+#: the files a job writes beside its output, by role
+OUTPUT_SUFFIXES = {"training": ".training.safetensors", "preview": ".preview.png", "report": ".report.json"}
+#: noise seeds of generated remember samples (other seeds of the targets' own conditioning)
+REMEMBER_SEED_BASE = 10_000
 
 
-def load_model(spec: dict, base_dir: Path):
-    """(model, process) from the job's model spec."""
-    spec = _section(spec, "model")
-    kind = spec.get("kind")
-    if kind not in ("sd3", "unet"):
-        raise InputError(f"model.kind must be 'sd3' or 'unet', got {kind!r}")
-    path = _path(base_dir, spec.get("path"), "model.path")
-    if kind == "sd3":
-        from diffusers import SD3Transformer2DModel
-
-        shift = _number(spec, "shift", 3.0, float, "model", 0.01, 100.0)
-        model = _load_pretrained(SD3Transformer2DModel, path, "model.path")
-        process = RectifiedFlow(shift=shift)
-    else:
-        from diffusers import DDPMScheduler, UNet2DModel
-
-        model = _load_pretrained(UNet2DModel, path, "model.path")
-        scheduler_path = spec.get("scheduler")
-        if scheduler_path:
-            scheduler = _load_pretrained(DDPMScheduler, _path(base_dir, scheduler_path, "model.scheduler"), "model.scheduler")
-        else:
-            scheduler = DDPMScheduler()
-        process = DDPMEpsilon.from_scheduler(scheduler)
-    return model.eval().requires_grad_(False), process
-
-
-def _load_pretrained(cls, path: Path, what: str):
-    try:
-        return cls.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, KeyError) as error:  # diffusers' errors for a folder it cannot read
-        raise InputError(
-            f"{what} {str(path)!r} is not a {cls.__name__} folder ({error}); give the folder that "
-            "save_pretrained wrote (with config.json and the weights)"
-        ) from None
-
-
-def _section(value, what: str) -> dict:
+def _section(value, what: str, known: set[str] | None = None) -> dict:
     if not isinstance(value, dict):
         raise InputError(f"the job's {what!r} must be a JSON object, got {type(value).__name__}")
+    unknown = sorted(set(value) - known) if known is not None else []
+    if unknown:
+        raise InputError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
     return value
 
 
@@ -113,6 +104,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _path(base_dir: Path, value, what: str) -> Path:
     if not value:
         raise InputError(f"the job needs {what}")
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a path (text), got {type(value).__name__}")
     path = Path(value)
     path = path if path.is_absolute() else base_dir / path
     if not path.exists():
@@ -120,8 +113,26 @@ def _path(base_dir: Path, value, what: str) -> Path:
     return path
 
 
-def run_job(job: dict, base_dir: Path, callback=None) -> dict:
-    """Run one job; everything is validated before the model is loaded, and the LoRA is written last."""
+@dataclass
+class JobPlan:
+    """A checked job: every value validated and every path resolved; nothing loaded yet."""
+
+    job: dict
+    config: UnlearnConfig
+    key_format: str
+    output: Path
+    source: ModelSource
+    targets_path: Path
+    surrogate: dict  # method, strength, steps, seed
+    remember: dict  # generate, steps
+
+    def sibling(self, role: str) -> Path:
+        """The path of one of the files written beside the output (see OUTPUT_SUFFIXES)."""
+        return self.output.with_name(self.output.name.removesuffix(".safetensors") + OUTPUT_SUFFIXES[role])
+
+
+def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
+    """Validate a job against the files on disk (configs only, no weights), before any work."""
     job = _section(job, "job")
     unknown = sorted(set(job) - KNOWN_KEYS)
     if unknown:
@@ -130,54 +141,158 @@ def run_job(job: dict, base_dir: Path, callback=None) -> dict:
     key_format = job.get("key_format", "comfy")
     if key_format not in KEY_FORMATS:
         raise InputError(f"key_format={key_format!r} is not one of: {', '.join(KEY_FORMATS)}")
-    output = safe_child(base_dir, job.get("output", "unlearn_lora.safetensors"), ".safetensors", what="output name")
-    surrogate_spec = _section(job.get("surrogate", {"method": "sdedit"}), "surrogate")
-    remember_spec = _section(job.get("remember", {"generate": 32}), "remember")
-    strength = _number(surrogate_spec, "strength", 0.5, float, "surrogate", 0.01, 1.0)
-    surrogate_steps = _number(surrogate_spec, "steps", 28, int, "surrogate", 1, 1000)
-    surrogate_seed = _number(surrogate_spec, "seed", 0, int, "surrogate", 0, 2**63 - 1)
-    remember_count = _number(remember_spec, "generate", 32, int, "remember", 1, 10_000)
-    remember_steps = _number(remember_spec, "steps", 28, int, "remember", 1, 1000)
+    if config.adapter == "full" and "key_format" in job:
+        raise InputError("key_format names LoRA key layouts, but adapter 'full' writes every weight under the model's own "
+                         "diffusers names: remove key_format from the job")  # fmt: skip
+    output = safe_child(out_dir or base_dir, job.get("output", "unlearn_lora.safetensors"), ".safetensors", what="output name")
+    surrogate_spec = _section(job.get("surrogate", {"method": "sdedit"}), "surrogate", SURROGATE_KEYS)
+    remember_spec = _section(job.get("remember", {"generate": 32}), "remember", REMEMBER_KEYS)
+    surrogate = {
+        "method": surrogate_spec.get("method", "sdedit"),
+        "strength": _number(surrogate_spec, "strength", 0.5, float, "surrogate", 0.01, 1.0),
+        "steps": _number(surrogate_spec, "steps", 28, int, "surrogate", 1, 1000),
+        "seed": _number(surrogate_spec, "seed", 0, int, "surrogate", 0, 2**63 - 1),
+    }
+    remember = {
+        "generate": _number(remember_spec, "generate", 32, int, "remember", 1, 10_000),
+        "steps": _number(remember_spec, "steps", 28, int, "remember", 1, 1000),
+    }
     targets_path = _path(base_dir, job.get("targets"), "targets")
-    model, process = load_model(job.get("model", {}), base_dir)
-    tensors = _load_tensors(targets_path)
+    source = locate(job.get("model", {}), base_dir)
+    return JobPlan(job, config, key_format, output, source, targets_path, surrogate, remember)
+
+
+def _read_targets(plan: JobPlan) -> dict[str, torch.Tensor]:
+    tensors = _load_tensors(plan.targets_path)
     if "targets" not in tensors:
         raise InputError("the targets file needs a 'targets' tensor (N, C, H, W) in the model's input space")
-    targets = tensors["targets"].float()
+    targets = tensors["targets"]
     if targets.dim() != 4 or len(targets) == 0:
         raise InputError(f"'targets' must be a non-empty (N, C, H, W) batch, got shape {tuple(targets.shape)}; put at least one target in the file")
     if not torch.isfinite(targets).all():
         raise InputError("'targets' holds NaN/inf values; re-encode the target images")  # before sampling from them
-    forget_cond = {k: v.float() for k, v in tensors.items() if k not in ("targets", "surrogates", "remember") and not k.startswith("remember.")}
+    if "surrogates" not in tensors and plan.surrogate["method"] != "sdedit":
+        raise InputError("without surrogates in the targets file, surrogate.method must be 'sdedit'")
+    return {key: value.float() for key, value in tensors.items()}
+
+
+def _check_range(what: str, samples: torch.Tensor, clip: float | None, targets: torch.Tensor) -> dict:
+    """Where generated samples lie, and a warning when they leave the data's range.
+
+    The data's range is [-clip, clip] when the sampler clips, else the targets' range widened
+    by half its span on each side (an unclipped pixel DDPM that diverges leaves it by orders
+    of magnitude, and training on such samples destroys integrity).
+    """
+    low, high = float(samples.min()), float(samples.max())
+    if clip is not None:
+        allowed = (-clip, clip)
+    else:
+        t_low, t_high = float(targets.min()), float(targets.max())
+        margin = 0.5 * max(t_high - t_low, 1e-6)
+        allowed = (t_low - margin, t_high + margin)
+    inside = allowed[0] - 1e-6 <= low and high <= allowed[1] + 1e-6
+    if not inside:
+        log.warning("generated %s range from %.4g to %.4g, outside the data's range [%.4g, %.4g]: the sampler diverges "
+                    "without x0 clipping; set model.clip (1.0 for pixel models in [-1, 1]) or give them in the targets "
+                    "file", what, low, high, *allowed)  # fmt: skip
+    return {"min": low, "max": high, "data_range": list(allowed), "inside": inside}
+
+
+def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
+                   tensors: dict[str, torch.Tensor]) -> tuple[UnlearnData, dict]:  # fmt: skip
+    """The forget targets with surrogates and the remember set: given, or sampled from the model."""
+    model, source = loaded.model, loaded.source
+    device = next(model.parameters()).device
+    targets = tensors["targets"].to(device)
+    forget_cond = {k: v.to(device) for k, v in tensors.items()
+                   if k not in ("targets", "surrogates", "remember") and not k.startswith("remember.")}  # fmt: skip
     denoiser = DiffusersDenoiser(model, process)
-
+    ranges = {}
     if "surrogates" in tensors:
-        surrogates = tensors["surrogates"].float()
+        surrogates = tensors["surrogates"].to(device)
     else:
-        if surrogate_spec.get("method", "sdedit") != "sdedit":
-            raise InputError("without surrogates in the targets file, surrogate.method must be 'sdedit'")
-        surrogates = sdedit(denoiser, process, targets, forget_cond, strength, surrogate_steps, surrogate_seed)
-
+        spec = plan.surrogate
+        surrogates = sdedit(denoiser, process, targets, forget_cond, spec["strength"], spec["steps"], spec["seed"], clip=source.clip)
+        ranges["surrogates"] = _check_range("surrogates", surrogates, source.clip, targets)
     if "remember" in tensors:
-        remember = tensors["remember"].float()
-        remember_cond = {k.removeprefix("remember."): v.float() for k, v in tensors.items() if k.startswith("remember.")}
+        remember = tensors["remember"].to(device)
+        remember_cond = {k.removeprefix("remember."): v.to(device) for k, v in tensors.items() if k.startswith("remember.")}
     else:
-        picks = torch.arange(remember_count) % len(targets)  # other seeds of the targets' own conditioning
-        remember_cond = {k: v[picks] for k, v in forget_cond.items()}
-        noise = seeded_noise([10_000 + i for i in range(remember_count)], tuple(targets.shape[1:]))
-        remember = sample(denoiser, process, noise, remember_cond, remember_steps)
-
+        count = plan.remember["generate"]
+        picks = torch.arange(count) % len(targets)  # other seeds of the targets' own conditioning
+        remember_cond = {k: v[picks.to(v.device)] for k, v in forget_cond.items()}
+        noise = seeded_noise([REMEMBER_SEED_BASE + i for i in range(count)], tuple(targets.shape[1:])).to(device)
+        remember = sample(denoiser, process, noise, remember_cond, plan.remember["steps"], clip=source.clip)
+        ranges["remember"] = _check_range("remember samples", remember, source.clip, targets)
     data = UnlearnData(ForgetTargets(targets, surrogates, forget_cond), RememberSet(remember, remember_cond))
-    outcome = unlearn_diffusers(model, process, data, config, callback=callback)
-    remember_source = {"given": tensor_hash(remember)} if "remember" in tensors else {
-        "generate": remember_count, "steps": remember_steps}  # fmt: skip
-    surrogate_source = "given" if "surrogates" in tensors else {
-        "method": "sdedit", "strength": strength, "steps": surrogate_steps, "seed": surrogate_seed}  # fmt: skip
+    return data, ranges
+
+
+def _write_training_file(path: Path, data: UnlearnData, metadata: dict[str, str]) -> None:
+    """The training data in the targets-file format (sorted keys: the same data gives the same bytes)."""
+    tensors = {"targets": data.forget.targets, "surrogates": data.forget.surrogates, "remember": data.remember.samples}
+    tensors.update(data.forget.cond)
+    tensors.update({f"remember.{key}": value for key, value in data.remember.cond.items()})
+    tensors = {key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(safetensors_bytes(tensors, metadata))
+
+
+def run_job(
+    job: dict,
+    base_dir: Path,
+    callback=None,
+    *,
+    out_dir: Path | None = None,
+    models: ModelCache | None = None,
+    should_stop=None,
+) -> dict:
+    """Run one job: validate everything, load the model (or take it from ``models``), build the
+    training data, train, then write the outputs (nothing is written if any step fails).
+
+    ``out_dir`` (default ``base_dir``) is the folder the output name is taken in; queue workers
+    pass their request's output folder and a :class:`ModelCache` that keeps the model loaded.
+    """
+    plan = plan_job(job, Path(base_dir), None if out_dir is None else Path(out_dir))
+    tensors = _read_targets(plan)
+    loaded, loaded_now = (models or ModelCache()).get(plan.source)
+    process = loaded.source.process(next(loaded.model.parameters()).device)
+    data, ranges = _training_data(loaded, process, plan, tensors)
+    outcome = unlearn_diffusers(loaded.model, process, data, plan.config, callback=callback, should_stop=should_stop)
+
+    given_remember = "remember" in tensors
+    remember_source = {"given": tensor_hash(data.remember.samples.cpu())} if given_remember else dict(plan.remember)
+    surrogate_source = "given" if "surrogates" in tensors else dict(plan.surrogate)
+    model_spec = plan.job["model"]
     metadata = reproduction_metadata(
-        config, [tensor_hash(t) for t in targets], [tensor_hash(s) for s in surrogates], str(job["model"].get("path")),
-        base_model_kind=job["model"].get("kind"), surrogate=surrogate_source, remember=remember_source,
+        plan.config, [tensor_hash(t) for t in data.forget.targets.cpu()], [tensor_hash(s) for s in data.forget.surrogates.cpu()],
+        str(model_spec.get("path")), base_model_kind=loaded.source.kind, surrogate=surrogate_source, remember=remember_source,
     )  # fmt: skip
-    path = save_lora(output, outcome.lora, key_format, metadata)
+    if loaded.source.clip is not None:
+        metadata["unlearn.sample_clip"] = json.dumps(loaded.source.clip)
+
+    training, preview, report = plan.sibling("training"), plan.sibling("preview"), plan.sibling("report")
+    _write_training_file(training, data, {"unlearn.surrogate": json.dumps(surrogate_source, sort_keys=True),
+                                          "unlearn.remember": json.dumps(remember_source, sort_keys=True)})  # fmt: skip
+    save_training_preview(preview, data.forget.targets, data.forget.surrogates, data.remember.samples)
+    if outcome.finetuned is not None:
+        weights = save_full_weights(plan.output, outcome.finetuned.to("cpu"), metadata)
+    else:
+        weights = save_lora(plan.output, outcome.lora, plan.key_format, metadata)
     final = outcome.training.final
-    return {"lora": str(path), "steps": outcome.training.steps, "seconds": outcome.training.seconds,
-            "final_forget_loss": final.get("forget_loss"), "final_remember_loss": final.get("remember_loss")}  # fmt: skip
+    result = {
+        "lora": str(weights),
+        "adapter": plan.config.adapter,
+        "key_format": None if plan.config.adapter == "full" else plan.key_format,
+        "steps": outcome.training.steps,
+        "seconds": outcome.training.seconds,
+        "final_forget_loss": final.get("forget_loss"),
+        "final_remember_loss": final.get("remember_loss"),
+        "model_loaded": loaded_now,
+        "targets_sha256": file_sha256(plan.targets_path),
+        "samples": {"clip": loaded.source.clip, **ranges},
+        "files": {path.name: file_sha256(path) for path in (weights, training, preview)},
+    }
+    base_model = {**loaded.source.describe(), "files_sha256": loaded.fingerprint}
+    atomic_write_text(report, json.dumps({**result, "report": report.name, "base_model": base_model}, indent=2, sort_keys=True))
+    return {**result, "report": str(report)}

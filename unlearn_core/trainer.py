@@ -60,8 +60,9 @@ class TrainResult:
 def make_objective(config: UnlearnConfig, process: ForwardProcess) -> Objective:
     sizes = (process, config.forget_batch_size, config.remember_batch_size)
     if config.method == "surrogate":
-        return SurrogateUnlearning(*sizes, weights=config.loss_weights(), surgery=config.surgery,
-                                   balance=config.balance, balance_ratio=config.balance_ratio)  # fmt: skip
+        spread = config.own_noise_spread if config.forget_noise == "own" else None
+        return SurrogateUnlearning(*sizes, weights=config.loss_weights(), surgery=config.surgery, balance=config.balance,
+                                   balance_ratio=config.balance_ratio, own_noise_spread=spread)  # fmt: skip
     if config.method == "neggrad":
         return NegGrad(*sizes)
     if config.method == "erasediff":

@@ -30,9 +30,18 @@ ablation. The remember half keeps its native weight times :math:`1 - \lambda(t)`
 every t, so the keep term still holds a flag's identity at high noise).
 ``benchmarks/weight_profile.py`` measures where each half's gradient sits over t: with
 ``native`` most of the forget gradient comes from t < 0.5 on both embedded models, with ``x0`` it
-rises with the noise. For epsilon models the x0 error near t = 1 is recovered through
-:math:`1/\sqrt{\bar\alpha}` and its gradient is large there; the update's norm clipping
-(``grad_clip``) bounds it.
+rises with the noise.
+
+Near t = 1 the noisy input carries almost nothing of the clean image, so the x0 prediction
+there is the model's mean over everything it could be: pulling it towards one surrogate moves
+that mean for every output of the same conditioning, not just the target. For epsilon models it
+is also numerically extreme: the x0 error is recovered through :math:`1/\sqrt{\bar\alpha}`, and its
+gradient swamps everything else. ``"min_snr"`` weights the forget x0 error by
+:math:`\lambda(t)\,\min(\mathrm{SNR}(t), 1)` with :math:`\mathrm{SNR} = \alpha^2/\sigma^2`: Min-SNR
+weighting with :math:`\gamma = 1` (Hang et al., 2023) under :math:`\lambda(t)`. It is
+:math:`\lambda(t)` wherever the signal still dominates (flow: s <= 1/2) and falls to 0 as the
+input becomes pure noise, so the forget term acts at middle noise, where an instance is still
+told apart from its neighbours.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("power", "constant")
-FORGET_SPACES = ("x0", "native")
+FORGET_SPACES = ("x0", "min_snr", "native")
 REMEMBER_WEIGHTS = ("full", "complement")
 
 
@@ -105,9 +114,10 @@ class LossWeights:
     r"""Per-sample weights on the x0-space errors of ours' two halves.
 
     ``forget(t, w)`` and ``remember(t, w)`` take the noise fractions and the process's native
-    weight :math:`w(t)` and return what multiplies :math:`\lVert \hat x_0 - x_0^{target}\rVert^2`:
+    weight :math:`w(t)` (forget also the SNR :math:`\alpha^2/\sigma^2`) and return what multiplies :math:`\lVert \hat x_0 - x_0^{target}\rVert^2`:
 
-    - forget: :math:`\lambda(t)` (``forget_space="x0"``) or :math:`\lambda(t)\, w(t)` (``"native"``);
+    - forget: :math:`\lambda(t)` (``forget_space="x0"``), :math:`\lambda(t)\,\min(\mathrm{SNR}(t), 1)`
+      (``"min_snr"``) or :math:`\lambda(t)\, w(t)` (``"native"``);
     - remember: :math:`w(t)` (``remember_weight="full"``) or :math:`(1 - \lambda(t))\, w(t)`
       (``"complement"``).
     """
@@ -124,9 +134,13 @@ class LossWeights:
                 f"unknown remember_weight {self.remember_weight!r}; choose one of {', '.join(REMEMBER_WEIGHTS)}"
             )
 
-    def forget(self, t: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+    def forget(self, t: torch.Tensor, native: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
         weight = self.weighting(t).to(native)
-        return weight if self.forget_space == "x0" else weight * native
+        if self.forget_space == "x0":
+            return weight
+        if self.forget_space == "min_snr":
+            return weight * snr.to(native).clamp(max=1.0)
+        return weight * native
 
     def remember(self, t: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
         if self.remember_weight == "full":

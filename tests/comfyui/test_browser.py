@@ -16,7 +16,7 @@ import re
 import time
 
 import pytest
-from workflow_check import load_workflows
+from workflow_check import load_snapshot, load_workflows, widgets
 
 from .conftest import COMFYUI_PATH
 
@@ -36,6 +36,10 @@ if CHROMIUM is None:
 
 WORKFLOWS = load_workflows()
 SETTING = "InstanceUnlearn.DefaultForgetSet"
+# The widget values of the pack's nodes in the loaded graph, by node id and widget name.
+PACK_WIDGET_VALUES = """() => Object.fromEntries(app.graph.nodes.filter((n) => n.type.startsWith("InstanceUnlearn_"))
+  .map((n) => [String(n.id), Object.fromEntries((n.widgets || []).filter((w) => w.serialize !== false)
+    .map((w) => [w.name, w.value]))]))"""
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,18 @@ def test_workflow_loads_without_missing_nodes_and_its_prompt_validates(page, com
     problems = page.evaluate(browser.LOAD_PROBLEMS)
     assert problems == {"unknown_types": [], "flagged_nodes": [], "error_overlay": [], "dialogs": [], "error_toasts": []}
     assert page.evaluate("() => app.graph.nodes.length") == len(WORKFLOWS[name]["nodes"])
+    # saved values land in the widgets they were saved from; widgets added since keep their defaults
+    definitions, new_widgets = load_snapshot(), 0
+    for node_id, values in page.evaluate(PACK_WIDGET_VALUES).items():
+        saved = next(n for n in WORKFLOWS[name]["nodes"] if str(n["id"]) == node_id)
+        assert {k: values[k] for k in saved["widgets_values_named"]} == saved["widgets_values_named"], saved["type"]
+        specs = {**definitions[saved["type"]]["input"]["required"], **definitions[saved["type"]]["input"].get("optional", {})}
+        added = {k: v for k, v in values.items() if k not in saved["widgets_values_named"]}
+        assert set(added) == {w.name for w in widgets(definitions[saved["type"]])} - set(saved["widgets_values_named"])
+        assert added == {k: specs[k][1]["default"] for k in added}, saved["type"]
+        new_widgets += len(added)
+    if any(n["type"] == "InstanceUnlearn_TrainLoRA" for n in WORKFLOWS[name]["nodes"]):
+        assert new_widgets > 0, "the training inputs added since the workflow was saved are missing"
     graph_area = page.evaluate(browser.FIT_VIEW)
     page.wait_for_timeout(300)
     browser.screenshot(page, f"workflow-{name.removesuffix('.json')}", graph_area)

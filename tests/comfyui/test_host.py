@@ -51,3 +51,25 @@ def test_eps_noise_fractions_map_to_increasing_sigmas(comfy, pack):
     process = HostProcess(sampling_for("eps"), "eps")
     sigmas = process.sigma(torch.tensor([0.05, 0.3, 0.6, 1.0]))
     assert (sigmas[1:] > sigmas[:-1]).all() and abs(float(sigmas[-1]) - float(process.model_sampling.sigma_max)) < 1e-3
+
+
+def test_node_modules_share_helpers_through_host_paths_and_images_not_through_each_other(pack):
+    """A node module imports no other node module, and only host.py and paths.py import ComfyUI's
+    model and folder modules (nodes may import comfy_api's io)."""
+    import re
+    from pathlib import Path
+
+    from instance_unlearn import nodes
+    from instance_unlearn.nodes.extension import NODES
+
+    node_modules = {cls.__module__.rsplit(".", 1)[-1] for cls in NODES}
+    host_import = re.compile(r"^\s*(import|from)\s+(comfy|comfy_extras|folder_paths|server|nodes)\b[\s.]", re.M)
+    relative_import = re.compile(r"^from \.(\w+) import|^from \. import ([\w, ]+)", re.M)
+    for path in Path(nodes.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        imported = {name.strip() for match in relative_import.findall(text) for part in match for name in part.split(",")}
+        if path.stem in node_modules:
+            assert not imported & node_modules, f"{path.name} imports node module(s) {imported & node_modules}"
+        # extension imports the server on load; progress.py still drives ComfyUI's progress bar itself
+        if path.stem not in ("host", "paths", "extension", "progress"):
+            assert not host_import.search(text), f"{path.name} imports a ComfyUI module directly"

@@ -160,8 +160,11 @@ TRAIN_CASES = [
     Case("targets of different sizes", train("mixed_sizes"), "targets have different latent sizes",
          "unlearn each size in its own run"),
     Case("zero steps", train(steps=0), "steps=0", r"whole number in \[1, .*zero steps would train nothing"),
-    Case("learning rate 5", train(learning_rate=5.0), "learning_rate=5.0 is outside", "about 1e-5 to 1e-3"),
-    Case("learning rate NaN", train(learning_rate=float("nan")), "learning_rate=nan is outside", "about 1e-5 to 1e-3"),
+    Case("learning rate 5", train(learning_rate=5.0), r"learning_rate=5.0 must lie in \(0, 0.1\]", "about 1e-5 to 1e-3"),
+    Case("learning rate NaN", train(learning_rate=float("nan")), r"learning_rate=nan must lie in \(0, 0.1\]", "about 1e-5 to 1e-3"),
+    Case("target modules that match no layer", train(target_modules="no_such_layer"),
+         r"no layer of this model matches the LoRA targets \['no_such_layer'\]", "leave target_modules empty"),
+    Case("target modules of only commas", train(target_modules=" , "), "target_modules is empty", "give module names"),
     Case("rank larger than the layer", train(rank=200), "LoRA rank 200 is larger than layer .* allows", "lower the rank"),
     Case("unknown method", train(method="esd"), "method='esd'", "is not one of: .*surrogate"),
     Case("unknown dtype", train(dtype="float8"), "dtype='float8'", "is not one of: .*float32"),
@@ -190,6 +193,9 @@ CHECK_CASES = [
     Case("target without conditioning", check("no_conditioning"), "target 0 has no conditioning",
          "connect it to Mark Undesired Output"),
     *[Case(f"LoRA name {name!r}", check(lora_name=name), *BAD_NAME) for name in HOSTILE_NAMES[:4]],
+    *[Case(f"copy detector {name!r}", check(copy_detector=name), *BAD_NAME) for name in HOSTILE_NAMES[:4]],
+    Case("copy detector not in models/unlearn", check(copy_detector="missing.pt"), "copy detector 'missing.pt' is not in",
+         "put the SSCD TorchScript file there, or choose pixel"),
 ]  # fmt: skip
 
 TABLES = {"mark": MARK_CASES, "surrogate": SURROGATE_CASES, "train": TRAIN_CASES, "check": CHECK_CASES}
