@@ -107,7 +107,7 @@ class UnlearnConfig:
     steps: int = _help("optimizer steps; the paper used 100 for SD3 (LoRA)",
                        low=1, high=1_000_000, hint="zero steps would train nothing", default=100)  # fmt: skip
     learning_rate: float = _help("AdamW learning rate", low=0, low_open=True, high=0.1, step=1e-5, round=1e-7,
-                                 hint="LoRA unlearning uses about 1e-5 to 1e-3", default=1e-4)  # fmt: skip
+                                 hint="LoRA unlearning uses about 1e-5 to 1e-3", default=3e-4)  # fmt: skip
     adapter: str = _help("lora (a small file, base untouched) or full (fine-tune a copy)",
                          choices=ADAPTERS, default="lora")  # fmt: skip
     lora_rank: int = _help("LoRA rank r", low=1, high=1024, default=8)
@@ -135,9 +135,9 @@ class UnlearnConfig:
     balance: str = _help("bound the forget gradient relative to the remember gradient before surgery: scale "
                          "(to balance_ratio times its norm every step), cap (only when larger) or none; "
                          "beyond the paper, after SISS's normalised forget gradient",
-                         choices=BALANCE_MODES, default="cap")  # fmt: skip
+                         choices=BALANCE_MODES, default="none")  # fmt: skip
     balance_ratio: float = _help("rho: the forget gradient's norm as a multiple of the remember gradient's",
-                                 low=0, low_open=True, high=100, step=0.05, hint="0.1 to 1 is the useful range", default=0.1)  # fmt: skip
+                                 low=0, low_open=True, high=100, step=0.05, hint="0.1 to 1 is the useful range", default=0.5)  # fmt: skip
     forget_noise: str = _help("noise of ours' forget draws: own (the noise each target was sampled from, slerped "
                               "towards fresh noise by up to own_noise_spread: the target's own sampling path; "
                               "fresh where a target's noise is unknown) or fresh (any noise, as the paper)",
