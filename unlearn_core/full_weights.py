@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from .errors import InputError
 from .files import atomic_path
-from .lora import safetensors_header, tensor_bytes
+from .lora import read_safetensors, safetensors_header, tensor_bytes
 
 __all__ = ["FULL_WEIGHTS", "FullWeights", "save_full_weights", "load_full_weights", "is_full_weights"]
 
@@ -66,14 +66,7 @@ def is_full_weights(path: str | Path) -> bool:
 
 def load_full_weights(path: str | Path) -> FullWeights:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises several types for damaged files
-        raise InputError(f"{path.name} is not a readable safetensors file ({error}); save it again") from None
+    tensors, metadata = read_safetensors(path, "weights file")
     if metadata.get("unlearn.adapter") != FULL_WEIGHTS:
         raise InputError(f"{path.name} is not a full-weights result (no unlearn.adapter = 'full' in its metadata)")
     return FullWeights(tensors, metadata)

@@ -334,16 +334,22 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def load_lora(path: str | Path) -> LoraWeights:
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, or an InputError naming ``what`` was expected."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"LoRA file {str(path)!r} does not exist")
+        raise InputError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises several types for damaged files
         raise InputError(f"{path.name} is not a readable safetensors file ({error}); save it again") from error
+    return tensors, metadata
+
+
+def load_lora(path: str | Path) -> LoraWeights:
+    tensors, metadata = read_safetensors(path, "LoRA file")
     weights = parse_state_dict(tensors)
     weights.metadata = metadata
     return weights

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import io
 import json
 import logging
 import time
@@ -19,19 +18,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .backends.diffusers_backend import DiffusersDenoiser, lora_attached, unlearn_diffusers
 from .config import UnlearnConfig
 from .data import ForgetTargets, RememberSet, UnlearnData
 from .errors import InputError
-from .files import atomic_path, atomic_write_text, tensor_hash
+from .files import atomic_write_text, tensor_hash
 from .forget_set import ForgetSetStore
 from .lora import LoraWeights, reproduction_metadata, save_lora
 from .metrics import load_lpips, ssim, to_unit
 from .preserve import PreservePair, TargetImages, Thresholds, check_preservation, evaluate
+from .previews import save_png, tile_grid
 from .sampling import sample, seeded_noise
 from .seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
 from .surrogate import repaint, sdedit
@@ -237,23 +235,7 @@ def demo_grid(target, surrogate, after_target, base_others, after_others, scale:
             list(base_others), list(after_others)]  # fmt: skip
     cells = [[to_unit(torch.nn.functional.interpolate(c[None], scale_factor=scale, mode="nearest")[0]) for c in row]
              for row in rows]  # fmt: skip
-    height, width = cells[0][0].shape[1:]
-    columns = max(len(row) for row in cells)
-    grid = torch.ones(3, len(cells) * (height + gap) + gap, columns * (width + gap) + gap)
-    for r, row in enumerate(cells):
-        for c, cell in enumerate(row):
-            top, left = gap + r * (height + gap), gap + c * (width + gap)
-            grid[:, top : top + height, left : left + width] = cell
-    return grid
-
-
-def save_png(path: Path, image: torch.Tensor) -> None:
-    """(3, H, W) in [0, 1] -> PNG, atomically."""
-    pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(buffer.getvalue())
+    return tile_grid(cells, gap)
 
 
 def report_html(report: dict, grid_path: Path) -> str:

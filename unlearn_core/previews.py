@@ -8,13 +8,16 @@ the training file's tensors with the model's VAE to see the images themselves.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from .files import atomic_path
 from .metrics import to_unit
-from .pipeline import save_png
 
 __all__ = ["preview_tiles", "tile_grid", "save_training_preview"]
 
@@ -46,6 +49,15 @@ def tile_grid(rows: list[list[torch.Tensor]], gap: int = 2) -> torch.Tensor:
             top, left = gap + r * (height + gap), gap + c * (width + gap)
             grid[:, top : top + height, left : left + width] = tile
     return grid
+
+
+def save_png(path: Path, image: torch.Tensor) -> None:
+    """(3, H, W) in [0, 1] -> PNG, atomically."""
+    pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(buffer.getvalue())
 
 
 def save_training_preview(path: str | Path, targets: torch.Tensor, surrogates: torch.Tensor, remember: torch.Tensor) -> Path:
