@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from unlearn_core.demo.run import run_demo
 from unlearn_core.files import atomic_write_text
-from unlearn_core.pipeline import run_demo
 
 
 def main(argv=None) -> int:

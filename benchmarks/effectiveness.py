@@ -60,16 +60,18 @@ from pathlib import Path
 
 import torch
 
-from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData, demo_model
+from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData
 from unlearn_core.backends.diffusers_backend import (
     DiffusersDenoiser,
     lora_attached,
     unlearn_diffusers,
 )
-from unlearn_core.metrics import PixelCopyDetector, copy_similarity, load_lpips
-from unlearn_core.pipeline import evaluate, find_undesired, generate, to_unit
-from unlearn_core.sampling import sample, seeded_noise, slerp
-from unlearn_core.surrogate import flipped, noised, repaint, sdedit
+from unlearn_core.demo import models as demo_model
+from unlearn_core.demo.run import find_undesired, generate
+from unlearn_core.metrics import PixelCopyDetector, copy_similarity, load_lpips, to_unit
+from unlearn_core.preserve import evaluate
+from unlearn_core.sampling import DenoiserSampler, sample, seeded_noise, slerp
+from unlearn_core.surrogate import build_surrogate
 
 log = logging.getLogger("effectiveness")
 
@@ -112,6 +114,16 @@ OURS_CANDIDATES = {
                               forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=0.1),  # fmt: skip
     "ours_own_cap_0.25": _ours("ours: own noise, min-SNR, cap 0.25", forget_noise="own", own_noise_spread=0.3,
                                forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=0.25),  # fmt: skip
+    "ours_own_cap_0.5": _ours("ours: own noise, min-SNR, cap 0.5", forget_noise="own", own_noise_spread=0.3,
+                              forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=0.5),  # fmt: skip
+    "ours_own_cap_1": _ours("ours: own noise, min-SNR, cap 1", forget_noise="own", own_noise_spread=0.3,
+                            forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=1.0),  # fmt: skip
+    "ours_own_scale_0.25": _ours("ours: own noise, min-SNR, scale 0.25", forget_noise="own", own_noise_spread=0.3,
+                                 forget_space="min_snr", remember_weight="full", balance="scale", balance_ratio=0.25),  # fmt: skip
+    "ours_own_scale_0.5": _ours("ours: own noise, min-SNR, scale 0.5", forget_noise="own", own_noise_spread=0.3,
+                                forget_space="min_snr", remember_weight="full", balance="scale", balance_ratio=0.5),  # fmt: skip
+    "ours_own_scale_1": _ours("ours: own noise, min-SNR, scale 1", forget_noise="own", own_noise_spread=0.3,
+                              forget_space="min_snr", remember_weight="full", balance="scale", balance_ratio=1.0),  # fmt: skip
     "ours_own": _ours("ours: own noise, min-SNR, no balance", forget_noise="own", own_noise_spread=0.3,
                       forget_space="min_snr", remember_weight="full", balance="none", balance_ratio=0.5),  # fmt: skip
     "ours_x0": _ours("ours: fresh noise, x0, no balance", forget_noise="fresh", forget_space="x0", remember_weight="full",
@@ -225,29 +237,27 @@ class ShapesSetup(Setup):
 SDEDIT_STRENGTHS = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def build_surrogate(setup, kind, target, label):
-    """The edit surrogate: flags repaint their outer bands under the prompt, as the demo does
+def make_surrogate(setup, kind, target, label):
+    """The edit surrogate: flags inpaint their outer bands under the prompt, as the demo does
     (SDEdit keeps a wrong tricolour's colours even at strength 0.9); shapes use the mildest SDEdit
     strength of SDEDIT_STRENGTHS whose result the copy detector does not call a copy of the
     target. A surrogate that is still a copy cannot be forgotten towards: at 0.6 four of the nine
     shapes targets' edits are copies (similarity 0.82 to 0.999), and one stays a copy up to 0.9."""
-    if kind == "flip":
-        return flipped(target)
-    if kind == "noise":
-        return noised(target, 0.1, seed=1).clamp(-1, 1)
-    denoiser = DiffusersDenoiser(setup.model, setup.process)
+    if kind in ("flip", "noise"):
+        return build_surrogate(kind, target, seed=1).clamp(-1, 1)
+    sampler = DenoiserSampler(DiffusersDenoiser(setup.model, setup.process), setup.process, setup.steps_sample, setup.clip)
     if setup.name == "flags":
         mask = demo_model.outer_bands_mask(*target.shape[-2:])
-        return repaint(denoiser, setup.process, target, mask, setup.cond([label]), 1.0, setup.steps_sample, seed=1).clamp(-1, 1)
+        return build_surrogate("inpaint", target, sampler=sampler, prompt=setup.cond([label]), strength=1.0, seed=1,
+                               mask=mask).clamp(-1, 1)  # fmt: skip
     for strength in SDEDIT_STRENGTHS:
-        surrogate = sdedit(denoiser, setup.process, target, setup.cond([label]), strength, setup.steps_sample, seed=1,
-                           clip=setup.clip).clamp(-1, 1)  # fmt: skip
+        surrogate = build_surrogate("sdedit", target, sampler=sampler, prompt=setup.cond([label]), strength=strength,
+                                    seed=1).clamp(-1, 1)  # fmt: skip
         similarity = float(copy_similarity(setup.detector, to_unit(surrogate), to_unit(target))[0])
         if similarity < FORGET_THRESHOLD[setup.name]:
             break
     log.info("%s surrogate: SDEdit strength %g, copy similarity %.3f", setup.name, strength, similarity)
     return surrogate
-
 
 
 class Bench:
@@ -308,7 +318,7 @@ class Bench:
         label, target_seed = pair
         kind = setting.surrogate
         if kind not in entry["surrogates"]:
-            entry["surrogates"][kind] = entry["target"] if kind == "none" else build_surrogate(self.setup, kind, entry["target"], label)
+            entry["surrogates"][kind] = entry["target"] if kind == "none" else make_surrogate(self.setup, kind, entry["target"], label)
         config = self.config(setting, lr, seed)
         own_noise = seeded_noise([target_seed], tuple(entry["target"].shape[1:]))  # what sampled the target
         data = UnlearnData(ForgetTargets(entry["target"], entry["surrogates"][kind], self.setup.cond([label]), own_noise),

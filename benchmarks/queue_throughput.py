@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_inputs(folder: Path, model_name: str) -> dict:
     """The model folder and targets file the requests share; returns the model section of a job."""
-    from unlearn_core import demo_model
+    from unlearn_core.demo import models as demo_model
 
     if model_name == "flags":
         model, _ = demo_model.load_flags_model()

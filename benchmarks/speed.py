@@ -61,7 +61,7 @@ def tiny_sd3_setup(batch: int):
 def flags_data(n_targets: int = 2, n_remember: int = 16) -> UnlearnData:
     """Drawn flags in the model's input space: "ireland" targets with noisy surrogates and a
     balanced remember set. Step time does not depend on the pixels, so no sampling is needed."""
-    from unlearn_core.demo_model import FLAG_CLASSES, draw_flag, flag_dataset, flags_conditioning
+    from unlearn_core.demo.models import FLAG_CLASSES, draw_flag, flag_dataset, flags_conditioning
 
     generator = torch.Generator().manual_seed(0)
     ireland = FLAG_CLASSES.index("ireland")
@@ -75,7 +75,7 @@ def flags_data(n_targets: int = 2, n_remember: int = 16) -> UnlearnData:
 
 
 def flags_setup(batch: int):
-    from unlearn_core.demo_model import load_flags_model
+    from unlearn_core.demo.models import load_flags_model
 
     model, process = load_flags_model()
     return model, process, flags_data()
@@ -84,8 +84,8 @@ def flags_setup(batch: int):
 def demo_training_seconds(settings=None) -> dict:
     """Wall time of the demo's training (its config, model and set sizes: one target, the
     remember set of ``DemoSettings``), without the demo's sampling before and after."""
-    from unlearn_core.demo_model import FLAG_CLASSES, load_flags_model
-    from unlearn_core.pipeline import DemoSettings
+    from unlearn_core.demo.models import FLAG_CLASSES, load_flags_model
+    from unlearn_core.demo.run import DemoSettings
 
     settings = settings or DemoSettings()
     config = settings.config

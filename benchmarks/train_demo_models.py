@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unlearn_core import demo_model as dm
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
+from unlearn_core.demo import models as dm
 from unlearn_core.errors import InputError
 from unlearn_core.process import DDPMEpsilon, ForwardProcess
 from unlearn_core.sampling import sample, seeded_noise

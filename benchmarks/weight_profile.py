@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from effectiveness import RESULTS, FlagsSetup, ShapesSetup, build_surrogate, write_json
+from effectiveness import RESULTS, FlagsSetup, ShapesSetup, make_surrogate, write_json
 
 from unlearn_core import UnlearnConfig
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser, lora_attached
@@ -31,7 +31,7 @@ DRAWS = 8
 def profile(setup, pair, draws: int = DRAWS) -> dict:
     label, _ = pair
     target = setup.generate([pair])
-    surrogate = build_surrogate(setup, "edit", target, label)
+    surrogate = make_surrogate(setup, "edit", target, label)
     remember_pairs = setup.remember_pairs(label)[:draws]
     data = UnlearnData(ForgetTargets(target, surrogate, setup.cond([label])),
                        RememberSet(setup.generate(remember_pairs), setup.cond([p[0] for p in remember_pairs])))  # fmt: skip

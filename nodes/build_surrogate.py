@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.metrics import ssim
-from . import host
-from .images import preview_batch
+from ..unlearn_core.surrogate import (
+    SAMPLED_KINDS,
+    SURROGATE_KINDS,
+    build_surrogate,
+    surrogate_similarity,
+)
+from . import host, images
 from .targets import Target, TargetsType
-
-log = logging.getLogger(__name__)
-
-METHODS = ("sdedit", "inpaint", "edited_image", "flip", "noise")
-
-
-def _as_batch(image: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) -> (1, 3, H, W) for metrics."""
-    return image.permute(2, 0, 1).unsqueeze(0).float()
-
-
-def similarity(target: torch.Tensor, surrogate: torch.Tensor) -> float:
-    """SSIM of two (H, W, 3) images; the surrogate is resized to the target for the comparison only."""
-    surrogate = _as_batch(surrogate)
-    if surrogate.shape[-2:] != target.shape[:2]:
-        surrogate = F.interpolate(surrogate, size=target.shape[:2], mode="bilinear", antialias=True)
-    return float(ssim(_as_batch(target), surrogate.clamp(0, 1)))
 
 
 def target_latent(target: Target, vae) -> torch.Tensor:
@@ -66,7 +51,7 @@ class BuildSurrogate(io.ComfyNode):
                 io.Model.Input("model", tooltip="The loaded model that produced the targets (the one to unlearn)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, to encode targets without a latent and decode surrogates."),
                 TargetsType.Input("targets", tooltip="Targets from Mark Undesired Output."),
-                io.Combo.Input("method", options=list(METHODS), default="sdedit",
+                io.Combo.Input("method", options=list(SURROGATE_KINDS), default="sdedit",
                                tooltip="sdedit (default), inpaint (needs a mask), edited_image (your correction), flip / noise (ablation)."),
                 io.Float.Input("strength", default=0.5, min=0.05, max=1.0, step=0.05,
                                tooltip="How far to re-noise (sdedit/inpaint): 0.3-0.7 edits mildly; stronger forgets more, keeps less."),
@@ -104,57 +89,39 @@ class BuildSurrogate(io.ComfyNode):
         if method == "inpaint" and any(t.mask is None for t in targets.targets):
             raise InputError("method=inpaint needs a mask on every target: connect a mask to Mark Undesired Output")
         host.model_family(model)
+        sampler = host.HostSampler(model)
         built, previews, lines = [], [], []
         for index, target in enumerate(targets.targets):
             latent = target_latent(target, vae)
             positive = edit_conditioning or target.conditioning
-            target_negative = negative if negative is not None else target.negative
-            needs_sampler = method in ("sdedit", "inpaint")
-            if needs_sampler and positive is None:
+            if method in SAMPLED_KINDS and positive is None:
                 raise InputError(
                     "this target has no conditioning: connect the conditioning that produced it to Mark "
                     "Undesired Output, or give edit_conditioning here"
                 )
-            surrogate_image = None
-            if method == "sdedit":
-                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, target_negative,
-                                         latent, denoise=strength)  # fmt: skip
-            elif method == "inpaint":
-                mask = target.mask.reshape(1, 1, *target.mask.shape)
-                surrogate = host.ksample(model, seed + index, steps, cfg, sampler_name, scheduler, positive, target_negative,
-                                         latent, denoise=strength, noise_mask=mask)  # fmt: skip
-            elif method == "edited_image":
-                edited = edited_image[index]
-                if edited.shape[:2] != target.image.shape[:2]:
+            prompt = host.HostPrompt(positive, negative if negative is not None else target.negative, steps, cfg,
+                                     sampler_name, scheduler)  # fmt: skip
+            edited = None
+            if method == "edited_image":
+                if edited_image[index].shape[:2] != target.image.shape[:2]:
                     raise InputError(
-                        f"edited image {index} is {tuple(edited.shape[:2])} but its target is "
+                        f"edited image {index} is {tuple(edited_image[index].shape[:2])} but its target is "
                         f"{tuple(target.image.shape[:2])}: the surrogate must have the target's size"
                     )
-                surrogate = host.encode(vae, edited.unsqueeze(0)).float()
-                surrogate_image = edited[:, :, :3]
-            elif method == "flip":
-                surrogate = latent.flip(-1)
-                surrogate_image = target.image.flip(1)
-            else:
-                generator = torch.Generator().manual_seed(seed + index)
-                surrogate = latent + noise_std * torch.randn(latent.shape, generator=generator)
-            if surrogate.shape != latent.shape:
-                raise InputError(f"surrogate latent {tuple(surrogate.shape)} differs from the target's {tuple(latent.shape)}")
-            if not torch.isfinite(surrogate).all():
-                raise InputError(
-                    f"the surrogate of target {index} holds NaN/inf values; check the edited image or "
-                    "lower cfg / use float32 weights and build it again"
-                )
-            if surrogate_image is None:
-                surrogate_image = host.decode(vae, surrogate)[0]
-            score = similarity(target.image, surrogate_image)
-            if torch.equal(surrogate, latent):
-                log.warning("surrogate of target %s is identical to it: nothing to learn; raise the strength", target.id)
+                edited = host.encode(vae, edited_image[index].unsqueeze(0)).float()
+            mask = None if target.mask is None else target.mask.reshape(1, 1, *target.mask.shape)
+            try:
+                surrogate = build_surrogate(method, latent, sampler=sampler, prompt=prompt, strength=strength,
+                                            seed=seed + index, mask=mask, edited=edited, noise_std=noise_std)  # fmt: skip
+            except InputError as error:
+                raise InputError(f"target {index} ({target.id}): {error}") from None
+            surrogate_image = host.decode(vae, surrogate)[0]
+            score = surrogate_similarity(images.to_core(target.image), images.to_core(surrogate_image))
             lines.append(f"target {index} ({target.id}): SSIM(target, surrogate) = {score:.3f}")
             built.append(Target(**{**target.__dict__, "latent": latent[0], "surrogate_latent": surrogate[0].float(),
                                    "surrogate_image": surrogate_image, "surrogate_method": method}))  # fmt: skip
             previews.append(_side_by_side(target.image, surrogate_image))
-        return io.NodeOutput(targets.with_targets(built), preview_batch(previews), "\n".join(lines))
+        return io.NodeOutput(targets.with_targets(built), images.preview_batch(previews), "\n".join(lines))
 
 
 def _side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import paths, routes
+from . import host, paths, routes
 from .build_surrogate import BuildSurrogate
 from .mark_undesired import MarkUndesiredOutput
 from .preserve_check import PreserveCheck
@@ -16,10 +16,9 @@ NODES: list[type[io.ComfyNode]] = [MarkUndesiredOutput, BuildSurrogate, Instance
 
 class InstanceUnlearnExtension(ComfyExtension):
     async def on_load(self) -> None:
-        from server import PromptServer
-
-        if getattr(PromptServer, "instance", None) is not None:
-            routes.register(PromptServer.instance.routes, routes.ForgetSetHandlers(store, paths.directory_by_type))
+        table = host.server_routes()
+        if table is not None:
+            routes.register(table, routes.ForgetSetHandlers(store, paths.directory_by_type))
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return NODES

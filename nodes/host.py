@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.sd
+import comfy.utils
 import torch
 import torch.utils.checkpoint
 from comfy.model_base import ModelType
@@ -34,6 +36,7 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..unlearn_core.denoiser import Conditioning
 from ..unlearn_core.errors import InputError
+from ..unlearn_core.lora import LoraLayer, LoraWeights
 from ..unlearn_core.metrics import CopyDetector
 from ..unlearn_core.process import ForwardProcess
 
@@ -98,9 +101,6 @@ class HostProcess(ForwardProcess):
         steps = len(self.model_sampling.sigmas)
         return torch.randint(1, steps + 1, (n,), generator=generator).float() / steps
 
-    def sampling_ts(self, steps, start=1.0):
-        raise NotImplementedError("ComfyUI models are sampled with ComfyUI's own samplers")
-
     def model_timestep(self, t):
         return self.sigma(t)
 
@@ -115,8 +115,14 @@ class HostProcess(ForwardProcess):
         return (1.0 + sigma_sq) / sigma_sq if self.family == "v" else 1.0 / sigma_sq
 
 
+def training_process(patcher) -> HostProcess:
+    return HostProcess(patcher.model.model_sampling, model_family(patcher))
+
+
 class PatcherDenoiser:
     """x0 predictions of a loaded ModelPatcher (the clone that carries the LoRA)."""
+
+    gradient_split = None  # ComfyUI's weight wrappers give no per-layer hooks: two passes
 
     def __init__(self, patcher, process: HostProcess, parameters: list[torch.nn.Parameter]):
         self.patcher = patcher
@@ -180,10 +186,6 @@ def conditioning_from_store(tensors: dict[str, torch.Tensor] | None, prefix: str
 def process_latent_in(patcher, samples: torch.Tensor) -> torch.Tensor:
     """Raw LATENT samples (VAE space) -> the space the network denoises."""
     return patcher.model.process_latent_in(samples.detach().clone().float())
-
-
-def process_latent_out(patcher, samples: torch.Tensor) -> torch.Tensor:
-    return patcher.model.process_latent_out(samples)
 
 
 def _alias(tensor: torch.Tensor) -> torch.nn.Parameter:
@@ -282,14 +284,18 @@ def adapter_parameters(adapters: dict[str, torch.nn.Module]) -> list[torch.nn.Pa
     return [p for adapter in adapters.values() for p in (adapter.lora_up.weight, adapter.lora_down.weight)]
 
 
-def lora_state_dict(adapters: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """LORA_MODEL: ComfyUI-native keys (``<module>.lora_up.weight`` / ``lora_down.weight`` / ``alpha``)."""
-    tensors = {}
+def lora_weights(patcher, adapters: dict[str, torch.nn.Module]) -> LoraWeights:
+    """The trained adapters as the core's LoRA, in the namespace of the model's own module names
+    (``mmdit`` for SD3's MMDiT, else ``comfy``); ``lora.state_dict_for(weights, "comfy")`` is the
+    LORA_MODEL that SaveLoRA / LoraModelLoader take."""
+    prefix = "diffusion_model."
+    layers = {}
     for name, adapter in adapters.items():
-        tensors[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().float().cpu().clone()
-        tensors[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().float().cpu().clone()
-        tensors[f"{name}.alpha"] = adapter.alpha.detach().float().cpu().clone()
-    return tensors
+        layers[name.removeprefix(prefix)] = LoraLayer(adapter.lora_down.weight.detach().float().cpu().clone(),
+                                                      adapter.lora_up.weight.detach().float().cpu().clone(),
+                                                      float(adapter.alpha))  # fmt: skip
+    is_mmdit = type(patcher.model.diffusion_model).__name__ == "MMDiT"
+    return LoraWeights(dict(sorted(layers.items())), "mmdit" if is_mmdit else "comfy")
 
 
 def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
@@ -343,16 +349,58 @@ def ksample(
 DEFAULT_SAMPLING = {"steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"}
 
 
-def sampling_settings(provenance: dict, steps: int) -> dict:
-    """The KSampler settings that replay an output, from its recorded provenance; ``steps`` (and
-    the defaults) where it has none recorded, or names this ComfyUI does not know."""
+@dataclass(frozen=True)
+class HostPrompt:
+    """What an output was sampled with in ComfyUI: both conditionings, the KSampler settings and
+    the image's place in its batch (which noise of the seed it had)."""
+
+    positive: list
+    negative: list | None
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    batch_index: int = 0
+
+
+def replay_prompt(provenance: dict, positive, negative, steps: int, batch_index: int = 0) -> HostPrompt:
+    """The prompt that samples like a recorded output (its settings, from its provenance); ``steps``
+    (and the defaults) where it has none recorded, or names this ComfyUI does not know.
+    ``batch_index`` is the output's place in its batch: give it to replay that very output; other
+    seeds are sampled as images 0 of their batch."""
     settings = dict(DEFAULT_SAMPLING, steps=steps)
     known = {"sampler_name": SAMPLERS, "scheduler": SCHEDULERS}
     for key in ("steps", "cfg", "sampler_name", "scheduler"):
         value = provenance.get(key)
         if value is not None and (key not in known or value in known[key]):
             settings[key] = value
-    return settings
+    return HostPrompt(positive, negative, int(settings["steps"]), float(settings["cfg"]), settings["sampler_name"],
+                      settings["scheduler"], batch_index)  # fmt: skip
+
+
+class HostSampler:
+    """ComfyUI's KSampler on a ModelPatcher as the core's :class:`~unlearn_core.sampling.Sampler`
+    (raw LATENT samples in and out; prompts are :class:`HostPrompt`)."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+
+    def generate(self, prompt: HostPrompt, seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        empty = torch.zeros(1, *shape)
+        return torch.cat([self._sample(prompt, int(seed), empty) for seed in seeds])
+
+    def edit(self, prompt: HostPrompt, image: torch.Tensor, strength: float, seed: int,
+             mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return self._sample(prompt, int(seed), image, denoise=strength, noise_mask=mask)
+
+    def _sample(self, prompt: HostPrompt, seed: int, latent: torch.Tensor, **kwargs) -> torch.Tensor:
+        return ksample(self.patcher, seed, prompt.steps, prompt.cfg, prompt.sampler_name, prompt.scheduler,
+                       prompt.positive, prompt.negative, latent, batch_index=prompt.batch_index, **kwargs).float()  # fmt: skip
+
+
+def decoder(vae):
+    """Raw LATENT samples -> images (B, 3, H, W) in [0, 1], the core's layout."""
+    return lambda samples: decode(vae, samples).movedim(-1, 1).float()
 
 
 def sampling_noise(patcher, shape: tuple[int, ...], seed: int, batch_index: int = 0) -> torch.Tensor:
@@ -446,3 +494,36 @@ def gradient_checkpointing(patcher, enabled: bool):
     finally:
         for block, _ in originals:
             del block.forward  # drops the instance attribute: the class forward is back
+
+
+# --- progress and events (the UI) ---------------------------------------------------------------
+
+
+def progress_bar(total: int, node_id: str | None):
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def raise_if_interrupted() -> None:
+    """Raises ComfyUI's interrupt when the user cancelled the prompt."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def _server():
+    try:
+        from server import PromptServer
+    except ImportError:  # running without the server (scripts, some tests)
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """A websocket event to the client that queued the prompt (nothing without the server)."""
+    instance = _server()
+    if instance is not None:
+        instance.send_sync(event, data, getattr(instance, "client_id", None))
+
+
+def server_routes():
+    """The running server's aiohttp route table (None without the server)."""
+    instance = _server()
+    return None if instance is None else instance.routes

@@ -11,6 +11,11 @@ def to_core(image: torch.Tensor) -> torch.Tensor:
     return image[..., :3].permute(2, 0, 1).float()
 
 
+def from_core(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) -> an IMAGE batch of one (1, H, W, 3)."""
+    return image.permute(1, 2, 0).unsqueeze(0)
+
+
 def resized(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """An IMAGE batch at another size (bilinear, antialiased)."""
     if images.shape[1:3] == (height, width):

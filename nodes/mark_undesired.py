@@ -34,17 +34,12 @@ def parse_indices(text: str, batch: int) -> list[int]:
     return sorted(chosen)
 
 
-def _mask_for(mask: torch.Tensor | None, index: int, height: int, width: int) -> torch.Tensor | None:
+def _mask_for(mask: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """The mask of image ``index`` (one mask serves the whole batch); check_target validates it."""
     if mask is None:
         return None
     mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
-    picked = mask[min(index, len(mask) - 1)]
-    if picked.shape != (height, width):
-        raise InputError(
-            f"the mask is {tuple(picked.shape)} but the image is ({height}, {width}); "
-            "draw the mask on this image (or scale it to the image size first)"
-        )
-    return picked
+    return mask[min(index, len(mask) - 1)]
 
 
 def _check_latent_size(samples: torch.Tensor, height: int, width: int) -> None:
@@ -115,7 +110,7 @@ class MarkUndesiredOutput(io.ComfyNode):
             origin = provenance.from_prompt(cls.hidden.prompt, cls.hidden.unique_id)
             cond_tensors = {**host.conditioning_to_store(conditioning), **host.conditioning_to_store(negative, NEGATIVE)}
             chosen_inputs = [(index, images[index], None if samples is None else samples[index],
-                              _mask_for(mask, index, height, width)) for index in chosen]  # fmt: skip
+                              _mask_for(mask, index)) for index in chosen]  # fmt: skip
             for _, image, sample, image_mask in chosen_inputs:  # check every chosen output before storing any
                 check_target(image, sample, image_mask)
             for index, image, sample, image_mask in chosen_inputs:

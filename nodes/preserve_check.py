@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import atomic_write_text
 from ..unlearn_core.metrics import PixelCopyDetector, TorchScriptCopyDetector, load_lpips
-from ..unlearn_core.preserve import PreservePair, TargetImages, Thresholds, check_preservation
+from ..unlearn_core.preserve import (
+    HeldOut,
+    Replay,
+    Thresholds,
+    check_preservation,
+    paired,
+    regenerate,
+)
 from ..unlearn_core.seeds import preserve_seeds as held_out_seeds
+from ..unlearn_core.seeds import target_seed
 from . import host, images, paths, provenance
 from .targets import TargetsType
 
@@ -23,14 +30,6 @@ def load_copy_detector(name: str):
     if name == PIXEL:
         return PixelCopyDetector()
     return TorchScriptCopyDetector(paths.copy_detector_path(name))
-
-
-def _generate(model, vae, settings: dict, seed: int, target, conditioning, latent_shape, batch_index: int = 0) -> torch.Tensor:
-    """One regeneration with the target's recorded settings and negative (replayed exactly)."""
-    empty = torch.zeros(1, *latent_shape)
-    samples = host.ksample(model, seed, settings["steps"], settings["cfg"], settings["sampler_name"],
-                           settings["scheduler"], conditioning, target.negative, empty, batch_index=batch_index)  # fmt: skip
-    return host.decode(vae, samples)
 
 
 class PreserveCheck(io.ComfyNode):
@@ -93,41 +92,34 @@ class PreserveCheck(io.ComfyNode):
             raise InputError("no targets to check: mark and unlearn at least one output first")
         report_path = paths.report_path(lora_name, targets.forget_set)  # validate the names before any work
         detector = load_copy_detector(copy_detector)  # a missing file fails before any sampling
-        top, bottom, regenerated, pairs = [], [], [], []
+        replays, held_out = [], []
         for index, target in enumerate(targets.targets):
             if target.conditioning is None:
                 raise InputError(f"target {index} has no conditioning; connect it to Mark Undesired Output")
-            settings = host.sampling_settings(target.provenance, steps)
             shape = (tuple(target.latent.shape) if target.latent is not None
                      else host.latent_shape(base_model, vae, *target.image.shape[:2]))  # fmt: skip
             seed = target.provenance.get("seed")
-            image = images.to_core(target.image)
-            if seed is not None:
-                index_in_batch = int(target.provenance.get("batch_index", 0))
-                base = _generate(base_model, vae, settings, int(seed), target, target.conditioning, shape, index_in_batch)
-                unlearned = _generate(unlearned_model, vae, settings, int(seed), target, target.conditioning, shape, index_in_batch)
-                regenerated.append(TargetImages(target.id, image, images.to_core(base[0]), images.to_core(unlearned[0]), int(seed),
-                                                tuple(provenance.replay_problems(target.provenance))))  # fmt: skip
-                top.append(base)
-                bottom.append(unlearned)
-            else:
-                regenerated.append(TargetImages(target.id, image, not_regenerated="no recorded seed, the target cannot be regenerated"))
+            batch_index = int(target.provenance.get("batch_index", 0) or 0)
+            replay = host.replay_prompt(target.provenance, target.conditioning, target.negative, steps, batch_index)
+            replays.append(Replay(target.id, images.to_core(target.image), shape, replay, None if seed is None else int(seed),
+                                  tuple(provenance.replay_problems(target.provenance))))  # fmt: skip
             prompts = [("target", target.conditioning)]
             if extra_conditioning is not None and index == 0:
                 prompts.append(("extra", extra_conditioning))
             for kind, conditioning in prompts:
-                for held_out in held_out_seeds(int(seed or 0), preserve_seeds):
-                    base = _generate(base_model, vae, settings, held_out, target, conditioning, shape)
-                    unlearned = _generate(unlearned_model, vae, settings, held_out, target, conditioning, shape)
-                    pairs.append(PreservePair(images.to_core(base[0]), images.to_core(unlearned[0]),
-                                              {"prompt": kind, "target": target.id, "seed": held_out}))  # fmt: skip
-                    top.append(base)
-                    bottom.append(unlearned)
+                seeds = held_out_seeds(target_seed(seed), preserve_seeds)
+                prompt = host.replay_prompt(target.provenance, conditioning, target.negative, steps)
+                held_out.append(HeldOut(prompt, seeds, shape, [{"prompt": kind, "target": target.id, "seed": s} for s in seeds]))
+        to_images = host.decoder(vae)
+        base = regenerate(host.HostSampler(base_model), to_images, replays, held_out)
+        unlearned = regenerate(host.HostSampler(unlearned_model), to_images, replays, held_out)
         semantic = host.ClipVisionEmbedder(clip_vision) if clip_vision is not None else None
-        check = check_preservation(regenerated, pairs, detector, Thresholds(forget_threshold, integrity_threshold),
-                                   load_lpips(), semantic)  # fmt: skip
+        check = check_preservation(*paired(replays, held_out, base, unlearned), detector,
+                                   Thresholds(forget_threshold, integrity_threshold), load_lpips(), semantic)  # fmt: skip
         report = {"forget_set": targets.forget_set, "lora_name": lora_name, **check.as_dict()}
         text = json.dumps(report, indent=2)
         atomic_write_text(report_path, text)
-        grid = images.grid(top, bottom)
+        top = [image for image in (*base.targets, *base.held_out) if image is not None]
+        bottom = [image for image in (*unlearned.targets, *unlearned.held_out) if image is not None]
+        grid = images.grid([images.from_core(i) for i in top], [images.from_core(i) for i in bottom])
         return io.NodeOutput(grid, text, check.passed, ui=ui.PreviewImage(grid, cls=cls))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from comfy_api.latest import io
 
-from ..unlearn_core.files import safe_name, tensor_hash
+from ..unlearn_core.files import safe_name
 from ..unlearn_core.forget_set import ForgetSetStore
 from . import paths
 
@@ -33,14 +33,6 @@ class Target:
     surrogate_latent: torch.Tensor | None = None
     surrogate_image: torch.Tensor | None = None
     surrogate_method: str | None = None
-
-    @property
-    def hash(self) -> str:
-        return self.id
-
-    @property
-    def surrogate_hash(self) -> str | None:
-        return None if self.surrogate_latent is None else tensor_hash(self.surrogate_latent)
 
 
 @dataclass

@@ -12,8 +12,9 @@ from ..unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
 from ..unlearn_core.denoiser import concat
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import tensor_hash
-from ..unlearn_core.lora import parse_state_dict, reproduction_metadata, save_lora
-from ..unlearn_core.seeds import MAX_REMEMBER, remember_seeds
+from ..unlearn_core.lora import reproduction_metadata, save_lora, state_dict_for
+from ..unlearn_core.remember import RememberRequest, generate_remember, split_count
+from ..unlearn_core.seeds import MAX_REMEMBER, target_seed
 from ..unlearn_core.trainer import train_unlearning
 from . import config_inputs, host, paths
 from .progress import TrainingProgress
@@ -22,21 +23,12 @@ from .targets import TargetsType, UnlearnTargets
 log = logging.getLogger(__name__)
 
 
-def generate_remember(model, targets: UnlearnTargets, count: int, steps: int) -> tuple[torch.Tensor, list]:
-    """Remember set from the base model: each target's conditioning with other seeds."""
-    per_target = [count // len(targets) + (1 if i < count % len(targets) else 0) for i in range(len(targets))]
-    latents, conditionings = [], []
-    for target, n in zip(targets.targets, per_target, strict=True):
-        if n == 0:
-            continue
-        settings = host.sampling_settings(target.provenance, steps)
-        empty = torch.zeros_like(target.latent).unsqueeze(0)
-        for seed in remember_seeds(int(target.provenance.get("seed", 0) or 0), n):
-            sample = host.ksample(model, seed, settings["steps"], settings["cfg"], settings["sampler_name"],
-                                  settings["scheduler"], target.conditioning, target.negative, empty)  # fmt: skip
-            latents.append(sample)
-            conditionings.append(target.conditioning)
-    return torch.cat(latents), conditionings
+def remember_requests(targets: UnlearnTargets, count: int, steps: int) -> list[RememberRequest]:
+    """Each target's replay prompt (its recorded settings and negative) for its share of ``count``."""
+    return [
+        RememberRequest(host.replay_prompt(t.provenance, t.conditioning, t.negative, steps), target_seed(t.provenance.get("seed")), n)
+        for t, n in zip(targets.targets, split_count(count, len(targets)), strict=True)
+    ]
 
 
 def check_targets(targets: UnlearnTargets) -> None:
@@ -88,12 +80,11 @@ def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_
     return UnlearnData(ForgetTargets(x_forget, x_surrogate, forget_cond, noise), RememberSet(x_remember, remember_cond))
 
 
-def lora_metadata(config: UnlearnConfig, model, targets: UnlearnTargets, remember: dict) -> dict:
+def lora_metadata(config: UnlearnConfig, model, targets: UnlearnTargets, data: UnlearnData, remember: dict) -> dict:
     """Everything that reproduces this LoRA (see unlearn_core.lora.reproduction_metadata)."""
     models = sorted({str(t.provenance.get("model")) for t in targets.targets if t.provenance.get("model")})
     return reproduction_metadata(
-        config, [t.hash for t in targets.targets], [t.surrogate_hash for t in targets.targets], host.model_name(model),
-        forget_set=targets.forget_set, surrogate_methods=[t.surrogate_method for t in targets.targets],
+        config, data, host.model_name(model), forget_set=targets.forget_set, target_ids=[t.id for t in targets.targets], surrogate_methods=[t.surrogate_method for t in targets.targets],
         base_model_files=models, remember=remember,
     )  # fmt: skip
 
@@ -144,7 +135,7 @@ class InstanceUnlearnLoRA(io.ComfyNode):
     def execute(cls, model, targets, remember_count, remember_steps, lora_name, remember_latents=None,
                 remember_conditioning=None, **training) -> io.NodeOutput:  # fmt: skip
         config = config_inputs.config_from_inputs(training)
-        family = host.model_family(model)
+        host.model_family(model)  # an unsupported model is refused before any work
         host.lora_target_names(model, config.lora_rank, config.target_modules)  # a rank too large fails before any work
         check_targets(targets)
         path = paths.lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
@@ -154,10 +145,12 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             remember_conditionings = [conditioning] * len(remember)
             remember_source = {"given": tensor_hash(remember)}
         else:
-            remember, remember_conditionings = generate_remember(model, targets, remember_count, remember_steps)
+            shape = tuple(targets.targets[0].latent.shape)
+            remember, prompts = generate_remember(host.HostSampler(model), remember_requests(targets, remember_count, remember_steps), shape)
+            remember_conditionings = [prompt.positive for prompt in prompts]
             remember_source = {"generate": remember_count, "steps": remember_steps, "seeds": "target seed + 1, + 2, ..."}
         data = build_data(model, targets, remember, remember_conditionings, config)
-        process = host.HostProcess(model.model.model_sampling, family)
+        process = host.training_process(model)
         progress = TrainingProgress(cls.hidden.unique_id, config.steps)
         progress.start()
         try:
@@ -169,12 +162,12 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             ):
                 denoiser = host.PatcherDenoiser(clone, process, host.adapter_parameters(adapters))
                 result = train_unlearning(denoiser, process, data, config, callback=progress)
-                lora = host.lora_state_dict(adapters)
+                weights = host.lora_weights(model, adapters)
         except BaseException as error:
             progress.finish("failed", error=str(error) or type(error).__name__)
             raise
         if path is not None:
-            save_lora(path, parse_state_dict(lora), "comfy", lora_metadata(config, model, targets, remember_source))
+            save_lora(path, weights, "comfy", lora_metadata(config, model, targets, data, remember_source))
             saved_name = paths.lora_name(path)
             log.info("saved unlearning LoRA to %s", path)
         else:
@@ -185,4 +178,5 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             "forget_loss": [h["forget_loss"] for h in result.history],
             "remember_loss": [h["remember_loss"] for h in result.history],
         }
+        lora = state_dict_for(weights, "comfy")  # LORA_MODEL, as SaveLoRA and LoraModelLoader take it
         return io.NodeOutput(host.with_lora(model, lora), lora, loss_map, saved_name)

@@ -37,7 +37,7 @@ from unlearn_core.cli import main
 from unlearn_core.errors import InputError
 from unlearn_core.forget_set import ForgetSetStore
 from unlearn_core.lora import load_lora
-from unlearn_core.surrogate import repaint
+from unlearn_core.surrogate import build_surrogate
 
 FLOW = RectifiedFlow()
 
@@ -171,7 +171,7 @@ CORE_CASES = [
     Case("manifest points outside its set", lambda ws: load_first_image(ws.store, "escaping"), *BAD_NAME),
     Case("manifest points at an absolute path", lambda ws: load_first_image(ws.store, "absolute"), *BAD_NAME),
     Case("mark: mask of the wrong size", lambda ws: ws.store.add("good", image(seed=1), mask=MASK_MISMATCH),
-         r"mask \(8, 8\) does not match the image \(16, 24\)", "resize it to the image size"),
+         r"mask \(8, 8\) does not fit the image \(16, 24\)", "resize it to the image size"),
     Case("mark: all-zero mask", lambda ws: ws.store.add("new", image(), mask=torch.zeros(16, 24)),
          r"mask is empty \(all zero\)", "paint the undesired region"),
     Case("mark: NaN mask", lambda ws: ws.store.add("new", image(), mask=with_value(torch.ones(16, 24), 3, float("nan"))),
@@ -208,10 +208,12 @@ CORE_CASES = [
          "1 samples but its conditioning has 3", "give one per sample"),
     Case("conditioning kinds differ", lambda ws: data_with(remember_cond={"encoder_hidden_states": torch.zeros(6, 3, 16)}),
          "different conditioning kinds", "give both the same conditioning"),
-    Case("repaint: mask of the wrong size", lambda ws: repaint(None, FLOW, torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 4), {}),
-         r"mask \(1, 1, 4, 4\) does not fit the target \(1, 4, 8, 8\)", "at the target's height and width"),
-    Case("repaint: all-zero mask", lambda ws: repaint(None, FLOW, torch.zeros(1, 4, 8, 8), torch.zeros(1, 8, 8), {}),
-         r"mask is empty \(all zero\)", "paint the region"),
+    Case("inpaint: mask of the wrong size", lambda ws: build_surrogate("inpaint", torch.zeros(1, 4, 8, 8), sampler=ws,
+                                                                       prompt={}, mask=torch.ones(1, 4, 4)),
+         r"mask \(1, 4, 4\) does not fit the target \(1, 4, 8, 8\)", "resize it to the image size"),
+    Case("inpaint: all-zero mask", lambda ws: build_surrogate("inpaint", torch.zeros(1, 4, 8, 8), sampler=ws, prompt={},
+                                                              mask=torch.zeros(1, 8, 8)),
+         r"mask is empty \(all zero\)", "paint the undesired region"),
     # the configuration, each through the trainer's entry point
     *[Case(f"config {field}={value!r}", lambda ws, f=field, v=value: ws.train(**{f: v}), wrong, fix)
       for field, value, wrong, fix in CONFIG_TABLE],

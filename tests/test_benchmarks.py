@@ -7,7 +7,7 @@ import pytest
 from conftest import load_benchmark
 
 from unlearn_core import UnlearnConfig
-from unlearn_core.pipeline import DemoSettings
+from unlearn_core.demo.run import DemoSettings
 
 
 @pytest.fixture

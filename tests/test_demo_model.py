@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from unlearn_core import InputError
-from unlearn_core import demo_model as dm
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
+from unlearn_core.demo import models as dm
 from unlearn_core.process import DDPMEpsilon, RectifiedFlow
 from unlearn_core.sampling import sample, seeded_noise
 

@@ -32,6 +32,8 @@ class MemorisingDenoiser:
     every noise level, as a model that memorised one output does. ``bias`` and ``slope`` train
     (the slope lets the noise levels' weights change the update's direction, not only its size)."""
 
+    gradient_split = None
+
     def __init__(self, memory: torch.Tensor):
         self.memory = memory
         self.bias = torch.nn.Parameter(torch.zeros_like(memory))

@@ -24,6 +24,18 @@ def test_unlearn_core_never_imports_the_host():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_only_host_and_paths_touch_comfyuis_objects():
+    """nodes/host.py owns every ComfyUI object and nodes/paths.py its folders; the nodes themselves
+    import only comfy_api's io (the schema types) besides the pack."""
+    host_only = re.compile(r"^\s*(import|from)\s+(comfy|comfy_extras|folder_paths|server|execution)\b|import PromptServer", re.M)
+    model_objects = re.compile(r"^\s*from\s+comfy_api\S*\s+import\s+(?!.*\b(io|ui|ComfyExtension)\b)", re.M)
+    nodes = sorted((ROOT / "nodes").glob("*.py"))
+    offenders = [p.name for p in nodes if p.name not in ("host.py", "paths.py") and host_only.search(p.read_text())]
+    assert offenders == []
+    assert [p.name for p in nodes if model_objects.search(p.read_text())] == []
+    assert "import folder_paths" in (ROOT / "nodes" / "paths.py").read_text()  # the pattern finds what it looks for
+
+
 def test_root_package_imports_without_comfyui():
     code = (
         "import importlib.util, sys\n"

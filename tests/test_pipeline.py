@@ -8,35 +8,37 @@ from safetensors.torch import save_file
 
 from unlearn_core import UnlearnConfig, __version__, load_lora
 from unlearn_core.cli import main
+from unlearn_core.demo.run import DemoSettings, run_demo
 from unlearn_core.files import tensor_hash
 from unlearn_core.lora import REPRODUCTION_KEYS
-from unlearn_core.pipeline import DemoSettings, run_demo
-from unlearn_core.seeds import preserve_seeds, remember_seeds
+from unlearn_core.seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
 
 QUICK = dict(seeds_per_class=2, sample_steps=4, remember_same_prompt=4, remember_per_other_class=1, integrity_seeds=8,
              config=UnlearnConfig(steps=3, learning_rate=1e-3, lora_rank=4, forget_batch_size=2, remember_batch_size=2))  # fmt: skip
 
 
 def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
-    import unlearn_core.pipeline as pipeline
+    from unlearn_core.sampling import DenoiserSampler
 
-    generated = []  # (seeds, with LoRA) of every generate call, in order
+    generated = []  # (seeds, with LoRA) of every call on the core's sampler, in order
 
-    def recording(model, process, cond_fn, labels, seeds, steps, lora=None, **kwargs):
-        generated.append((list(seeds), lora is not None))
-        return original(model, process, cond_fn, labels, seeds, steps, lora, **kwargs)
+    def recording(self, prompt, seeds, shape):
+        with_lora = any("lora" in name for name, _ in self.denoiser.model.named_modules())
+        generated.append((list(seeds), with_lora))
+        return original(self, prompt, seeds, shape)
 
-    original = pipeline.generate
-    monkeypatch.setattr(pipeline, "generate", recording)
+    original = DenoiserSampler.generate
+    monkeypatch.setattr(DenoiserSampler, "generate", recording)
     steps = []
     report = run_demo(tmp_path, DemoSettings(**QUICK), callback=lambda step, total, m: steps.append(step))
     assert steps == [1, 2, 3]
     # the seed rule: training's remember seeds and the check's held-out seeds come from unlearn_core.seeds, disjoint
     target_seed = report["target"]["seed"]
-    remember = {seed for seeds, _ in generated[1:2] for seed in seeds}
+    remember = {seed for seeds, _ in generated[1:-4] for seed in seeds}
     held_out = preserve_seeds(target_seed, QUICK["integrity_seeds"])
-    assert remember == set(remember_seeds(target_seed, QUICK["remember_same_prompt"])) and not remember & set(held_out)
-    assert generated[2:] == [([target_seed], False), ([target_seed], True), (held_out, False), (held_out, True)]
+    assert generated[1] == (remember_seeds(target_seed, QUICK["remember_same_prompt"]), False)
+    assert remember <= set(remember_seeds(target_seed, MAX_REMEMBER)) and not remember & set(held_out)
+    assert generated[-4:] == [([target_seed], False), (held_out, False), ([target_seed], True), (held_out, True)]
     # the verdicts are the preserve check's (the node's check), on the base regeneration of the target
     check = report["preserve_check"]
     assert [row["seed"] for row in check["preserve"]] == held_out
@@ -59,13 +61,13 @@ def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
 
 
 def test_demo_takes_a_named_target(tmp_path):
-    report = run_demo(tmp_path, DemoSettings(**{**QUICK, "target": "ireland:5", "surrogate": "repaint"}))
+    report = run_demo(tmp_path, DemoSettings(**{**QUICK, "target": "ireland:5", "surrogate": "inpaint"}))
     assert report["target"]["prompt"] == "ireland" and report["target"]["seed"] == 5
 
 
 def quick_cli_demo(monkeypatch, **fixed):
     """Make ``unlearn demo`` run the shortened settings (plus ``fixed``) under its own options."""
-    import unlearn_core.pipeline as pipeline
+    import unlearn_core.demo.run as pipeline
 
     original = pipeline.DemoSettings
     monkeypatch.setattr(pipeline, "DemoSettings", lambda **kwargs: original(**{**QUICK, **kwargs, **fixed}))

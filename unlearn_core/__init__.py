@@ -9,7 +9,8 @@ Public API (what the ComfyUI nodes and the CLI call):
 - :class:`RectifiedFlow`, :class:`DDPMEpsilon`: forward processes (SD3 flow, epsilon DDPM).
 - :func:`train_unlearning`: the loop over any :class:`Denoiser`.
 - :func:`unlearn_diffusers`, :func:`lora_attached`: diffusers models (SD3 transformer, UNet2D).
-- :func:`sdedit`, :func:`repaint`: surrogate builders over any denoiser.
+- :func:`build_surrogate`, :class:`DenoiserSampler`: surrogates through any :class:`Sampler` (the core's
+  over a denoiser, or a host's).
 - :func:`save_lora`, :func:`load_lora`, :func:`to_mmdit`, :func:`to_diffusers`: LoRA files and formats.
 - :mod:`unlearn_core.metrics`: SSIM, PSNR, LPIPS (or Unavailable), copy similarity.
 - :mod:`unlearn_core.preserve`: the preserve check the nodes and the demo run (forgetting by copy
@@ -22,10 +23,10 @@ from .denoiser import Denoiser
 from .errors import InputError, TrainingDiverged, TrainingStopped, UnlearnError
 from .lora import LoraLayer, LoraWeights, load_lora, save_lora, to_diffusers, to_mmdit
 from .process import DDPMEpsilon, ForwardProcess, RectifiedFlow
-from .surrogate import repaint, sdedit
+from .sampling import DenoiserSampler, Sampler
+from .surrogate import build_surrogate
 from .trainer import TrainResult, train_unlearning
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "UnlearnConfig",
@@ -46,8 +47,9 @@ __all__ = [
     "DDPMEpsilon",
     "ForwardProcess",
     "RectifiedFlow",
-    "repaint",
-    "sdedit",
+    "build_surrogate",
+    "DenoiserSampler",
+    "Sampler",
     "TrainResult",
     "train_unlearning",
     "__version__",

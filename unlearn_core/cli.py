@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import UnlearnConfig
 from .errors import InputError, UnlearnError
 from .runtime import configure_torch
+from .surrogate import SAMPLED_KINDS
 
 log = logging.getLogger("unlearn_core")
 
@@ -42,7 +43,7 @@ class _ProgressBar:
 
 
 def _demo(args) -> int:
-    from .pipeline import DemoSettings, run_demo
+    from .demo.run import DemoSettings, run_demo
 
     overrides = {name: value for name, value in (("steps", args.steps), ("gamma", args.gamma)) if value is not None}
     config = UnlearnConfig(**{**DemoSettings().config.to_dict(), **overrides})
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="the whole job on the embedded flags model, offline")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--target", help="CLASS:SEED to unlearn (default: the most confidently wrong flag)")
-    demo.add_argument("--surrogate", choices=["repaint", "sdedit"], default="repaint",
-                      help="repaint the outer bands (default) or SDEdit the whole flag")
+    demo.add_argument("--surrogate", choices=list(SAMPLED_KINDS), default="inpaint",
+                      help="inpaint the outer bands (default) or sdedit the whole flag")
     demo.add_argument("--strength", type=float, default=1.0, help="surrogate edit strength (0.3-0.7 for sdedit)")
     demo.add_argument("--steps", type=int, help="training steps (default from the demo settings)")
     demo.add_argument("--gamma", type=float, help="exponent of lambda(t) = t^gamma (default 1; 4 keeps other seeds closer here)")

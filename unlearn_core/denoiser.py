@@ -20,6 +20,12 @@ Conditioning = dict[str, torch.Tensor]
 
 @runtime_checkable
 class Denoiser(Protocol):
+    """``gradient_split`` is a :class:`~unlearn_core.split_gradients.LayerGradientSplit` over
+    exactly ``trainable_parameters()`` when the denoiser can hand the trainer the forget and
+    remember gradients from one pass, else None (the trainer then takes two passes)."""
+
+    gradient_split: object | None
+
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x0_hat for noisy ``x_t`` (B, C, H, W) at noise fractions ``t`` (B,)."""
         ...

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 from .files import atomic_path, atomic_write_bytes, atomic_write_text, safe_child, safe_name
+from .masks import checked_mask
 
 __all__ = ["ForgetSetStore", "TargetRecord", "check_target", "image_to_png_bytes", "MAX_SIDE"]
 
@@ -80,16 +81,7 @@ def check_target(image, latent=None, mask=None) -> tuple[np.ndarray, torch.Tenso
     pixels = _to_uint8(image)
     height, width = pixels.shape[:2]
     if mask is not None:
-        mask = torch.as_tensor(mask).detach().float().cpu().squeeze()
-        if mask.shape != (height, width):
-            raise InputError(
-                f"mask {tuple(mask.shape)} does not match the image ({height}, {width}); "
-                "draw the mask on this image or resize it to the image size"
-            )
-        if not torch.isfinite(mask).all():
-            raise InputError("the mask holds NaN/inf values; draw the mask again")
-        if float(mask.max()) <= 0:
-            raise InputError("the mask is empty (all zero): paint the undesired region, or leave the mask out")
+        mask = checked_mask(torch.as_tensor(mask).cpu(), (height, width), f"the image ({height}, {width})")[0, 0]
     if latent is not None:
         latent = torch.as_tensor(latent).detach().float().cpu()
         if latent.dim() == 4 and len(latent) == 1:

@@ -6,7 +6,9 @@ with the weight delta ``alpha / rank * up @ down``. Module names live in one of 
 - ``diffusers``: names inside a diffusers model (``transformer_blocks.0.attn.to_q``), what peft
   trains on a diffusers model;
 - ``mmdit``: names inside ComfyUI's MMDiT (``joint_blocks.0.x_block.attn.qkv``), where q, k and v
-  are one fused linear.
+  are one fused linear;
+- ``comfy``: names inside another ComfyUI diffusion model (a UNet's ``input_blocks...``), what the
+  ComfyUI host trains there; saved with ComfyUI's keys only.
 
 :func:`to_mmdit` and :func:`to_diffusers` convert SD3 LoRAs between them without approximation:
 separate q/k/v LoRAs become one fused LoRA with the downs stacked and a block-diagonal up;
@@ -30,7 +32,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError
-from .files import atomic_path
+from .files import atomic_path, tensor_hash
+from .version import __version__
 
 __all__ = [
     "LoraLayer",
@@ -158,6 +161,8 @@ def to_diffusers(weights: LoraWeights) -> LoraWeights:
     """ComfyUI MMDiT LoRAs (fused qkv) -> separate diffusers SD3 LoRAs, exactly."""
     if weights.namespace == "diffusers":
         return weights
+    if weights.namespace == "comfy":
+        raise InputError("this LoRA has ComfyUI module names of a model that is not SD3: save it with key format 'comfy'")
     direct_back = {v: k for k, v in _DIRECT.items()}
     qkv_back = {(target, part): inner for inner, (target, part) in _QKV.items()}
     layers: dict[str, LoraLayer] = {}
@@ -261,19 +266,18 @@ REPRODUCTION_KEYS = (
 )  # fmt: skip
 
 
-def reproduction_metadata(
-    config, target_hashes: list, surrogate_hashes: list, base_model: str, **extra
-) -> dict[str, str]:
+def reproduction_metadata(config, data, base_model: str, **extra) -> dict[str, str]:
     """LoRA file metadata that reproduces a run: method, every hyperparameter (seed included),
-    the content hashes of targets and surrogates, the base model, the pack version, and
-    ``extra`` fields as ``unlearn.<key>`` (values that are not text become JSON)."""
-    from . import __version__  # the package sets it after importing this module
-
+    the content hashes of the targets and surrogates the trainer saw (``data``, an
+    :class:`~unlearn_core.data.UnlearnData`: :func:`~unlearn_core.files.tensor_hash` of each, in
+    the network's space, for every caller alike), the base model, the pack version, and ``extra``
+    fields as ``unlearn.<key>`` (values that are not text become JSON; a marked target's forget-set
+    ids go in ``target_ids``)."""
     metadata = {
         "unlearn.method": config.method,
         "unlearn.config": json.dumps(config.to_dict(), sort_keys=True),
-        "unlearn.target_hashes": json.dumps(list(target_hashes)),
-        "unlearn.surrogate_hashes": json.dumps(list(surrogate_hashes)),
+        "unlearn.target_hashes": json.dumps([tensor_hash(t) for t in data.forget.targets.detach().cpu()]),
+        "unlearn.surrogate_hashes": json.dumps([tensor_hash(s) for s in data.forget.surrogates.detach().cpu()]),
         "unlearn.base_model": base_model,
         "unlearn.pack_version": __version__,
     }

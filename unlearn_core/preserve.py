@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,64 @@ from .metrics import (
     ssim,
     to_unit,
 )
+from .sampling import Sampler
 
-__all__ = ["TargetImages", "PreservePair", "Thresholds", "PreserveReport", "Evaluation", "check_preservation", "evaluate"]
+__all__ = ["Replay", "HeldOut", "Regenerated", "regenerate", "paired", "TargetImages", "PreservePair", "Thresholds",
+           "PreserveReport", "Evaluation", "check_preservation", "evaluate"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What regenerates one target: its image (3, H, W) in [0, 1], the sampler's latent shape, and
+    the prompt and seed that made it (seed None: it cannot be regenerated, ``not_regenerated`` says why)."""
+
+    id: str
+    image: torch.Tensor
+    shape: tuple[int, ...]
+    prompt: Any
+    seed: int | None
+    replay_problems: tuple[str, ...] = ()
+    not_regenerated: str = "no recorded seed, the target cannot be regenerated"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out outputs to compare base and unlearned on: a prompt, its seeds (from
+    :func:`~unlearn_core.seeds.preserve_seeds`) and one report label dict per seed."""
+
+    prompt: Any
+    seeds: list[int]
+    shape: tuple[int, ...]
+    labels: list[dict]
+
+
+@dataclass
+class Regenerated:
+    """One model's images (3, H, W) for the replays (None where it could not) and the held-out seeds, in order."""
+
+    targets: list[torch.Tensor | None]
+    held_out: list[torch.Tensor]
+
+
+def regenerate(sampler: Sampler, to_images: Callable[[torch.Tensor], torch.Tensor], replays: list[Replay],
+               held_out: list[HeldOut]) -> Regenerated:  # fmt: skip
+    """Every image the check compares, from one model; ``to_images`` maps the sampler's latents to
+    images (B, 3, H, W) in [0, 1]."""
+    targets = [None if r.seed is None else to_images(sampler.generate(r.prompt, [r.seed], r.shape))[0] for r in replays]
+    others = [image for h in held_out for image in to_images(sampler.generate(h.prompt, h.seeds, h.shape))]
+    return Regenerated(targets, others)
+
+
+def paired(replays: list[Replay], held_out: list[HeldOut], base: Regenerated,
+           unlearned: Regenerated) -> tuple[list[TargetImages], list[PreservePair]]:  # fmt: skip
+    """The inputs of :func:`check_preservation` from the base and the unlearned model's regenerations."""
+    targets = [
+        TargetImages(r.id, r.image, before, after, r.seed, r.replay_problems, r.not_regenerated)
+        for r, before, after in zip(replays, base.targets, unlearned.targets, strict=True)
+    ]
+    labels = [label for h in held_out for label in h.labels]
+    pairs = [PreservePair(before, after, label) for before, after, label in zip(base.held_out, unlearned.held_out, labels, strict=True)]
+    return targets, pairs
 
 
 @dataclass(frozen=True)

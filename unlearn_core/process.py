@@ -57,10 +57,6 @@ class ForwardProcess(ABC):
         """Training noise fractions, shape (n,), in [t_min, 1]."""
 
     @abstractmethod
-    def sampling_ts(self, steps: int, start: float = 1.0) -> torch.Tensor:
-        """Decreasing noise fractions for sampling from ``start`` down to exactly 0."""
-
-    @abstractmethod
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep value the network was trained to receive for noise fraction ``t``."""
 
@@ -84,25 +80,13 @@ class ForwardProcess(ABC):
         alpha, sigma = self.scales(t)
         return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
 
-    def step_to(
-        self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor
-    ) -> torch.Tensor:
-        """Deterministic move from t to t_next given an x0 estimate.
-
-        DDIM (eta = 0) for epsilon models and the Euler step for rectified flow are both this
-        one update: keep the implied noise, re-mix it with the x0 estimate at the next level.
-        """
-        alpha, sigma = self.scales(t)
-        alpha_next, sigma_next = self.scales(t_next)
-        eps_hat = (x_t - _expand(alpha, x_t) * x0_hat) / _expand(sigma, x_t)
-        return _expand(alpha_next, x_t) * x0_hat + _expand(sigma_next, x_t) * eps_hat
-
 
 class RectifiedFlow(ForwardProcess):
     """SD3's rectified flow: x_s = (1 - s) x0 + s eps, the network predicts v = eps - x0.
 
     Training and sampling use SD3's shifted schedule s = k u / (1 + (k - 1) u) (k = ``shift``),
-    and the network receives timestep = 1000 s.
+    and the network receives timestep = 1000 s. :meth:`sampling_ts` is its sampler's grid
+    (:class:`~unlearn_core.sampling.SamplingGrid`), apart from the noise path.
     """
 
     def __init__(self, shift: float = 3.0, t_min: float = 0.02, num_train_timesteps: int = 1000):
@@ -123,7 +107,8 @@ class RectifiedFlow(ForwardProcess):
         u = torch.rand(n, generator=generator)
         return self.shifted(u).clamp(min=self.t_min, max=1.0)
 
-    def sampling_ts(self, steps, start=1.0):
+    def sampling_ts(self, steps: int, start: float = 1.0) -> torch.Tensor:
+        """Decreasing noise fractions from ``start`` down to exactly 0, uniform in shifted time."""
         u_start = start / (self.shift - (self.shift - 1) * start)  # inverse of the shift
         return self.shifted(torch.linspace(u_start, 0.0, steps + 1))
 
@@ -145,7 +130,7 @@ class DDPMEpsilon(ForwardProcess):
 
     Noise fraction t maps to the discrete timestep round(t * T) - 1, so t = 1 is the last
     training timestep and t -> 0 means clean. Build from a diffusers scheduler with
-    :meth:`from_scheduler`.
+    :meth:`from_scheduler`. :meth:`sampling_ts` is its sampler's grid.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, t_min: float | None = None):
@@ -179,7 +164,8 @@ class DDPMEpsilon(ForwardProcess):
         index = torch.randint(low, self.num_train_timesteps + 1, (n,), generator=generator)
         return index.float() / self.num_train_timesteps
 
-    def sampling_ts(self, steps, start=1.0):
+    def sampling_ts(self, steps: int, start: float = 1.0) -> torch.Tensor:
+        """Decreasing noise fractions from ``start`` down to exactly 0, on the discrete timesteps."""
         top = max(1, int(round(start * self.num_train_timesteps)))
         index = torch.linspace(top, 0, steps + 1).round()
         return index / self.num_train_timesteps

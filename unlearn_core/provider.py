@@ -55,8 +55,10 @@ from .lora import KEY_FORMATS, reproduction_metadata, safetensors_bytes, save_lo
 from .model_folders import LoadedModel, ModelCache, ModelSource, locate
 from .previews import save_training_preview
 from .process import ForwardProcess
-from .sampling import sample, seeded_noise
-from .surrogate import sdedit
+from .remember import RememberRequest, generate_remember
+from .sampling import DenoiserSampler
+from .seeds import UNRECORDED_SEED
+from .surrogate import build_surrogate
 
 __all__ = ["run_job", "plan_job", "JobPlan", "OUTPUT_SUFFIXES"]
 
@@ -66,8 +68,6 @@ SURROGATE_KEYS = {"method", "strength", "steps", "seed"}
 REMEMBER_KEYS = {"generate", "steps"}
 #: the files a job writes beside its output, by role
 OUTPUT_SUFFIXES = {"training": ".training.safetensors", "preview": ".preview.png", "report": ".report.json"}
-#: noise seeds of generated remember samples (other seeds of the targets' own conditioning)
-REMEMBER_SEED_BASE = 10_000
 
 
 def _section(value, what: str, known: set[str] | None = None) -> dict:
@@ -212,17 +212,21 @@ def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
         surrogates = tensors["surrogates"].to(device)
     else:
         spec = plan.surrogate
-        surrogates = sdedit(denoiser, process, targets, forget_cond, spec["strength"], spec["steps"], spec["seed"], clip=source.clip)
+        sampler = DenoiserSampler(denoiser, process, spec["steps"], source.clip)
+        surrogates = build_surrogate(spec["method"], targets, sampler=sampler, prompt=forget_cond, strength=spec["strength"],
+                                     seed=spec["seed"])  # fmt: skip
         ranges["surrogates"] = _check_range("surrogates", surrogates, source.clip, targets)
     if "remember" in tensors:
         remember = tensors["remember"].to(device)
         remember_cond = {k.removeprefix("remember."): v.to(device) for k, v in tensors.items() if k.startswith("remember.")}
     else:
         count = plan.remember["generate"]
-        picks = torch.arange(count) % len(targets)  # other seeds of the targets' own conditioning
+        picks = torch.arange(count) % len(targets)  # other seeds of the targets' own conditioning, in turn
         remember_cond = {k: v[picks.to(v.device)] for k, v in forget_cond.items()}
-        noise = seeded_noise([REMEMBER_SEED_BASE + i for i in range(count)], tuple(targets.shape[1:])).to(device)
-        remember = sample(denoiser, process, noise, remember_cond, plan.remember["steps"], clip=source.clip)
+        sampler = DenoiserSampler(denoiser, process, plan.remember["steps"], source.clip)
+        # a targets file records no seeds: the seed rule's remember seeds of an unrecorded one
+        request = RememberRequest(remember_cond, UNRECORDED_SEED, count)
+        remember, _ = generate_remember(sampler, [request], tuple(targets.shape[1:]))
         ranges["remember"] = _check_range("remember samples", remember, source.clip, targets)
     data = UnlearnData(ForgetTargets(targets, surrogates, forget_cond), RememberSet(remember, remember_cond))
     return data, ranges
@@ -265,8 +269,7 @@ def run_job(
     surrogate_source = "given" if "surrogates" in tensors else dict(plan.surrogate)
     model_spec = plan.job["model"]
     metadata = reproduction_metadata(
-        plan.config, [tensor_hash(t) for t in data.forget.targets.cpu()], [tensor_hash(s) for s in data.forget.surrogates.cpu()],
-        str(model_spec.get("path")), base_model_kind=loaded.source.kind, surrogate=surrogate_source, remember=remember_source,
+        plan.config, data, str(model_spec.get("path")), base_model_kind=loaded.source.kind, surrogate=surrogate_source, remember=remember_source,
     )  # fmt: skip
     if loaded.source.clip is not None:
         metadata["unlearn.sample_clip"] = json.dumps(loaded.source.clip)

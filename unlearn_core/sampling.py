@@ -1,11 +1,25 @@
-"""Deterministic sampling over any denoiser: full generation, SDEdit and masked repainting.
+"""Sampling: the :class:`Sampler` protocol the core's steps ask for outputs through, and the
+core's own deterministic sampler over any denoiser.
 
-One update serves both families (:meth:`ForwardProcess.step_to`: DDIM with eta = 0 for
-epsilon models, Euler for rectified flow), so surrogates and evaluation use the same sampler
-for every model this library trains.
+The surrogate, the remember set and the preserve check need outputs of the model being
+unlearned: generated from a seed's noise, or edited from an image (SDEdit, or inpainting under a
+mask). They ask a :class:`Sampler` for them, so the same steps run on a diffusers model
+(:class:`DenoiserSampler`, here) and on a ComfyUI model (``nodes/host.py``'s ``HostSampler``,
+which runs ComfyUI's own KSampler). A *prompt* is whatever the sampler conditions on (a
+:data:`~unlearn_core.denoiser.Conditioning` here; positive, negative and sampler settings in
+ComfyUI): the core passes it through and never reads it.
+
+:func:`sample` walks a process's :class:`SamplingGrid` with one update for both families
+(:func:`step_to`: DDIM with eta = 0 for epsilon models, Euler for rectified flow), so surrogates
+and evaluation use the same sampler for every model this library trains. The grid is the
+sampler's part of a process; the noise path (:class:`~unlearn_core.process.ForwardProcess`) is
+all the trainer needs, which is why a host that samples with its own sampler offers no grid.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -13,7 +27,90 @@ from .denoiser import Conditioning, Denoiser
 from .errors import InputError
 from .process import ForwardProcess
 
-__all__ = ["sample", "seeded_noise", "slerp"]
+__all__ = ["Sampler", "DenoiserSampler", "SamplingGrid", "sample", "step_to", "seeded_noise", "slerp"]
+
+
+class SamplingGrid(Protocol):
+    def sampling_ts(self, steps: int, start: float = 1.0) -> torch.Tensor:
+        """Decreasing noise fractions for sampling from ``start`` down to exactly 0."""
+        ...
+
+
+def step_to(process: ForwardProcess, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor,
+            t_next: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Deterministic move from t to t_next given an x0 estimate.
+
+    DDIM (eta = 0) for epsilon models and the Euler step for rectified flow are both this one
+    update: keep the implied noise, re-mix it with the x0 estimate at the next level.
+    """
+    alpha, sigma = process.scales(t)
+    alpha_next, sigma_next = process.scales(t_next)
+    shape = (-1, *([1] * (x_t.dim() - 1)))
+    eps_hat = (x_t - alpha.to(x_t.dtype).reshape(shape) * x0_hat) / sigma.to(x_t.dtype).reshape(shape)
+    return alpha_next.to(x_t.dtype).reshape(shape) * x0_hat + sigma_next.to(x_t.dtype).reshape(shape) * eps_hat
+
+
+class Sampler(Protocol):
+    """How the core gets outputs of a model; latents in and out are in the sampler's own space."""
+
+    def generate(self, prompt: Any, seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """One output (len(seeds), *shape) per seed, from the noise that seed gives: the same seed
+        and prompt always give the same output, whatever else is in the batch."""
+        ...
+
+    def edit(self, prompt: Any, image: torch.Tensor, strength: float, seed: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``image`` (B, *shape) noised to ``strength`` with the seed's noise and denoised under
+        ``prompt`` (SDEdit); with ``mask`` (1 = regenerate) only that region changes (inpainting)."""
+        ...
+
+
+class DenoiserSampler:
+    """The core's :func:`sample` over a denoiser, as a :class:`Sampler`; a prompt is a Conditioning
+    of batch 1 (shared by every seed) or of one row per seed."""
+
+    def __init__(self, denoiser: Denoiser, process: ForwardProcess, steps: int = 20, clip: float | None = None,
+                 batch: int = 64):  # fmt: skip
+        self.denoiser, self.process, self.steps, self.clip, self.batch = denoiser, process, steps, clip, batch
+
+    @torch.no_grad()
+    def generate(self, prompt: Conditioning, seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(seeds), self.batch):
+            chunk = list(seeds[start : start + self.batch])
+            cond = {key: _rows(value, start, len(chunk), len(seeds)) for key, value in prompt.items()}
+            noise = seeded_noise(chunk, shape).to(_device(self.denoiser, prompt))
+            outputs.append(sample(self.denoiser, self.process, noise, cond, self.steps, clip=self.clip))
+        return torch.cat(outputs)
+
+    def edit(self, prompt: Conditioning, image: torch.Tensor, strength: float, seed: int,
+             mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if not 0 < strength <= 1:
+            raise InputError(f"edit strength must lie in (0, 1], got {strength}; 0.3-0.7 edits mildly")
+        noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(int(seed))).to(image)
+        steps = max(1, round(self.steps * strength))
+        if mask is None:
+            return sample(self.denoiser, self.process, noise, prompt, steps, start=strength, init=image, clip=self.clip)
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise InputError(f"mask {tuple(mask.shape)} does not have the image's size {tuple(image.shape[-2:])}")
+        mask = mask.reshape(-1, 1, *mask.shape[-2:]).to(image)
+        return sample(self.denoiser, self.process, noise, prompt, steps, start=strength, init=image,
+                      keep=image, keep_mask=mask, clip=self.clip)  # fmt: skip
+
+
+def _rows(value: torch.Tensor, start: int, count: int, total: int) -> torch.Tensor:
+    """A shared (batch-1) prompt tensor for ``count`` samples, or rows ``start..`` of a per-seed one."""
+    if len(value) == 1 and total != 1:
+        return value.expand(count, *value.shape[1:])
+    if len(value) != total:
+        raise InputError(f"a prompt tensor has {len(value)} rows for {total} seeds: give one row, or one per seed")
+    return value[start : start + count]
+
+
+def _device(denoiser, prompt: Conditioning) -> torch.device:
+    for value in prompt.values():
+        return value.device
+    parameters = getattr(getattr(denoiser, "model", None), "parameters", None)
+    return next(parameters()).device if parameters is not None else torch.device("cpu")
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -33,7 +130,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float | torch.Tensor) -> tor
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,
-    process: ForwardProcess,
+    process: ForwardProcess,  # with a SamplingGrid
     noise: torch.Tensor,
     cond: Conditioning,
     steps: int = 20,
@@ -68,7 +165,7 @@ def sample(
         x0_hat = denoiser.predict_x0(x, t_batch, cond)
         if clip is not None:
             x0_hat = x0_hat.clamp(-clip, clip)
-        x = process.step_to(x, x0_hat, t_batch, next_batch)
+        x = step_to(process, x, x0_hat, t_batch, next_batch)
         if keep is not None:
             known = keep if float(t_next) == 0 else process.add_noise(keep, noise, next_batch)
             x = keep_mask * x + (1 - keep_mask) * known

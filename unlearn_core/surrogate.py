@@ -1,82 +1,79 @@
 """Surrogates: mildly edited copies of a target that keep its structure (METHOD.md section 6).
 
-- :func:`sdedit`: noise the target to ``strength`` and denoise it with the same model,
-  optionally under an edit conditioning;
-- :func:`repaint`: regenerate only a masked region (faces, a flag's emblem);
-- :func:`flipped`, :func:`noised`: the weak ablation surrogates of the paper's Table V.
+:func:`build_surrogate` makes one for every caller (the ComfyUI node, the demo, the provider
+jobs, the benchmarks), by one of :data:`SURROGATE_KINDS`:
 
-A user-painted correction needs no builder: pass the image itself as the surrogate.
+- ``sdedit``: noise the target to ``strength`` and denoise it with the same model, optionally
+  under an edit prompt;
+- ``inpaint``: regenerate only a masked region (faces, a flag's emblem);
+- ``edited_image``: the user's own correction, given as a latent of the target's size;
+- ``flip``, ``noise``: the weak ablation surrogates of the paper's Table V.
+
+Sampling goes through a :class:`~unlearn_core.sampling.Sampler`, so the surrogate is made by the
+model being unlearned, with whichever sampler its host has.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
-from .denoiser import Conditioning, Denoiser
 from .errors import InputError
-from .process import ForwardProcess
-from .sampling import sample
+from .masks import checked_mask
+from .metrics import ssim
+from .sampling import Sampler
 
-__all__ = ["sdedit", "repaint", "flipped", "noised", "SURROGATE_KINDS"]
+__all__ = ["SURROGATE_KINDS", "SAMPLED_KINDS", "build_surrogate", "flipped", "noised", "surrogate_similarity"]
 
-SURROGATE_KINDS = ("sdedit", "inpaint", "flip", "noise")
+log = logging.getLogger(__name__)
 
-
-def _noise_like(target: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(target.shape, generator=generator).to(target)
+SURROGATE_KINDS = ("sdedit", "inpaint", "edited_image", "flip", "noise")
+SAMPLED_KINDS = ("sdedit", "inpaint")  # the kinds that need a sampler and a prompt
 
 
-def sdedit(
-    denoiser: Denoiser,
-    process: ForwardProcess,
+def build_surrogate(
+    kind: str,
     target: torch.Tensor,
-    cond: Conditioning,
+    *,
+    sampler: Sampler | None = None,
+    prompt: Any = None,
     strength: float = 0.5,
-    steps: int = 20,
     seed: int = 0,
-    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    edited: torch.Tensor | None = None,
+    noise_std: float = 0.1,
 ) -> torch.Tensor:
-    """Noise ``target`` to ``strength`` (0 keeps it, 1 replaces it) and denoise under ``cond``."""
-    if not 0 < strength <= 1:
-        raise InputError(f"SDEdit strength must lie in (0, 1], got {strength}; 0.3-0.7 edits mildly")
-    step_count = max(1, round(steps * strength))
-    return sample(denoiser, process, _noise_like(target, seed), cond, step_count, start=strength, init=target, clip=clip)
-
-
-def repaint(
-    denoiser: Denoiser,
-    process: ForwardProcess,
-    target: torch.Tensor,
-    mask: torch.Tensor,
-    cond: Conditioning,
-    strength: float = 1.0,
-    steps: int = 20,
-    seed: int = 0,
-    clip: float | None = None,
-) -> torch.Tensor:
-    """Regenerate the region where ``mask`` is 1; the rest stays the target's pixels exactly."""
-    mask = _check_mask(mask, target)
-    step_count = max(1, round(steps * strength))
-    return sample(
-        denoiser, process, _noise_like(target, seed), cond, step_count, start=strength,
-        init=target, keep=target, keep_mask=mask, clip=clip,
-    )  # fmt: skip
-
-
-def _check_mask(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if mask.dim() == 3:
-        mask = mask.unsqueeze(1)
-    if mask.dim() != 4 or mask.shape[0] not in (1, target.shape[0]) or mask.shape[-2:] != target.shape[-2:]:
-        raise InputError(
-            f"mask {tuple(mask.shape)} does not fit the target {tuple(target.shape)}: give one mask "
-            "per target (or one for all) at the target's height and width"
-        )
-    if not torch.isfinite(mask).all():
-        raise InputError("the mask holds NaN/inf values; draw the mask again")
-    if float(mask.max()) <= 0:
-        raise InputError("the mask is empty (all zero): paint the region to regenerate")
-    return mask.clamp(0, 1).to(target)
+    """The surrogate latent (B, C, h, w) of ``target`` (same shape), checked finite."""
+    if kind not in SURROGATE_KINDS:
+        raise InputError(f"surrogate method {kind!r} is unknown; choose one of {', '.join(SURROGATE_KINDS)}")
+    if kind in SAMPLED_KINDS and (sampler is None or prompt is None):
+        raise InputError(f"the {kind} surrogate needs the model's sampler and the target's prompt (conditioning)")
+    if kind == "sdedit":
+        surrogate = sampler.edit(prompt, target, strength, seed)
+    elif kind == "inpaint":
+        if mask is None:
+            raise InputError("the inpaint surrogate needs a mask of the region to regenerate")
+        # at the target's size, or a multiple of it (a pixel-size mask that a host sampler scales)
+        mask = checked_mask(mask, tuple(target.shape[-2:]), f"the target {tuple(target.shape)}", len(target), scaled=True)
+        surrogate = sampler.edit(prompt, target, strength, seed, mask)
+    elif kind == "edited_image":
+        if edited is None:
+            raise InputError("the edited_image surrogate needs your corrected image")
+        surrogate = edited.to(target)
+    elif kind == "flip":
+        surrogate = flipped(target)
+    else:
+        surrogate = noised(target, noise_std, seed)
+    if surrogate.shape != target.shape:
+        raise InputError(f"the surrogate {tuple(surrogate.shape)} differs in size from its target {tuple(target.shape)}")
+    if not torch.isfinite(surrogate).all():
+        raise InputError("the surrogate holds NaN/inf values; check the edited image, or lower cfg / use float32 weights")
+    if torch.equal(surrogate, target):
+        log.warning("the surrogate is identical to its target: nothing to learn; raise the strength")
+    return surrogate
 
 
 def flipped(target: torch.Tensor) -> torch.Tensor:
@@ -88,4 +85,13 @@ def noised(target: torch.Tensor, std: float = 0.1, seed: int = 0) -> torch.Tenso
     """The target plus Gaussian noise (ablation: at low strength it fails to forget)."""
     if std < 0:
         raise InputError(f"noise std must be >= 0, got {std}")
-    return target + std * _noise_like(target, seed)
+    generator = torch.Generator().manual_seed(int(seed))
+    return target + std * torch.randn(target.shape, generator=generator).to(target)
+
+
+def surrogate_similarity(target: torch.Tensor, surrogate: torch.Tensor) -> float:
+    """SSIM of two images (3, H, W) in [0, 1]; the surrogate is resized to the target to compare."""
+    surrogate = surrogate.float().unsqueeze(0)
+    if surrogate.shape[-2:] != target.shape[-2:]:
+        surrogate = F.interpolate(surrogate, size=target.shape[-2:], mode="bilinear", antialias=True)
+    return float(ssim(target.float().unsqueeze(0), surrogate.clamp(0, 1)))

@@ -158,7 +158,7 @@ def train_unlearning(
         raise InputError("the model has no trainable parameters: attach a LoRA (or use adapter='full') first")
     device = params[0].device
     sizes = [p.numel() for p in params]
-    split = getattr(denoiser, "gradient_split", None)
+    split = denoiser.gradient_split
     if split is not None and [id(p) for p in split.parameters()] != [id(p) for p in params]:
         raise ValueError("the denoiser's gradient_split covers other parameters than its trainable_parameters()")
     objective = make_objective(config, process)

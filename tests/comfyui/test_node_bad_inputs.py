@@ -100,7 +100,7 @@ MARK_CASES = [
     Case("index outside the batch", mark_with(indices=lambda c: "7"), "do not pick images of this batch of 2",
          r"valid: 0\.\.1"),
     Case("index not a number", mark_with(indices=lambda c: "first"), "'first' are not understood", "use e.g. '0', '0,2'"),
-    Case("mask of the wrong size", mark_with(mask=lambda c: torch.ones(1, 32, 32)), r"the mask is \(32, 32\) but the image is \(64, 64\)",
+    Case("mask of the wrong size", mark_with(mask=lambda c: torch.ones(1, 32, 32)), r"mask \(32, 32\) does not fit the image \(64, 64\)",
          "draw the mask on this image"),
     Case("all-zero mask", mark_with(mask=lambda c: torch.zeros(1, SIZE, SIZE)), r"mask is empty \(all zero\)",
          "paint the undesired region"),
@@ -135,7 +135,7 @@ SURROGATE_CASES = [
     Case("edited_image of another size", surrogate(method="edited_image", edited_image=lambda c: torch.rand(1, 32, 32, 3)),
          r"edited image 0 is \(32, 32\) but its target is \(64, 64\)", "must have the target's size"),
     Case("NaN edited_image", surrogate(method="edited_image", edited_image=lambda c: torch.full((1, SIZE, SIZE, 3), float("nan"))),
-         "surrogate of target 0 holds NaN/inf", "check the edited image"),
+         r"target 0 \(\w+\): the surrogate holds NaN/inf", "check the edited image"),
     Case("latent of another size than its image", surrogate("small_latent"), "has a 4x4 latent but a 64x64 image",
          "mark it again with the sampler's latent"),
     Case("inpaint without a mask", surrogate(method="inpaint"), "needs a mask on every target",
@@ -221,7 +221,7 @@ def test_a_surrogate_identical_to_its_target_warns_in_both_nodes(comfy, node, co
     files, weights = tree(comfy["base"]), snapshot(context["model"])
     with caplog.at_level(logging.WARNING):
         targets, _, _ = run(node["surrogate"], **surrogate(method="noise", noise_std=0.0)(context))
-    assert "identical to it: nothing to learn; raise the strength" in caplog.text
+    assert "identical to its target: nothing to learn; raise the strength" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         run(node["train"], **train(lora_name="", steps=1)(context) | {"targets": targets})

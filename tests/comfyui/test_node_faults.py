@@ -155,7 +155,9 @@ def test_a_crash_while_saving_keeps_the_previous_lora_and_leaves_no_part(comfy, 
 
 def test_two_runs_in_one_process_leave_the_cached_model_bit_identical_and_repeat_byte_for_byte(comfy, node, loaded,
                                                                                                 with_surrogates):  # fmt: skip
+    from instance_unlearn.nodes import host
     from instance_unlearn.unlearn_core import __version__
+    from instance_unlearn.unlearn_core.files import tensor_hash
     from instance_unlearn.unlearn_core.lora import REPRODUCTION_KEYS, load_lora
 
     base, targets = loaded["model"], with_surrogates[0]
@@ -188,8 +190,12 @@ def test_two_runs_in_one_process_leave_the_cached_model_bit_identical_and_repeat
     assert set(REPRODUCTION_KEYS) <= set(metadata)
     config = json.loads(metadata["unlearn.config"])
     assert config["steps"] == TRAIN["steps"] and config["seed"] == TRAIN["seed"] and config["lora_rank"] == TRAIN["rank"]
-    assert json.loads(metadata["unlearn.target_hashes"]) == [t.id for t in targets.targets]
-    assert json.loads(metadata["unlearn.surrogate_hashes"]) == [t.surrogate_hash for t in targets.targets]
+    assert json.loads(metadata["unlearn.target_ids"]) == [t.id for t in targets.targets]
+    # content hashes of what the trainer saw (the network-space latents), as every caller records them
+    network = host.process_latent_in
+    assert json.loads(metadata["unlearn.target_hashes"]) == [tensor_hash(network(base, t.latent[None])[0]) for t in targets.targets]
+    assert json.loads(metadata["unlearn.surrogate_hashes"]) == [tensor_hash(network(base, t.surrogate_latent[None])[0])
+                                                                for t in targets.targets]  # fmt: skip
     assert json.loads(metadata["unlearn.remember"]) == {"generate": TRAIN["remember_count"], "steps": TRAIN["remember_steps"],
                                                         "seeds": "target seed + 1, + 2, ..."}  # fmt: skip
     assert metadata["unlearn.pack_version"] == __version__ and metadata["unlearn.base_model"].startswith("SD3/FLOW/")

@@ -61,7 +61,7 @@ def test_train_saves_a_lora_that_stock_loaders_reproduce(comfy, loaded, node, wi
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["unlearn.method"] == "surrogate"
-    assert json.loads(metadata["unlearn.target_hashes"]) == [targets.targets[0].id]
+    assert json.loads(metadata["unlearn.target_ids"]) == [targets.targets[0].id]
     assert json.loads(metadata["unlearn.config"])["steps"] == TRAIN["steps"]
 
 

@@ -100,7 +100,7 @@ def decoded(monkeypatch, pack):
 
     def recording(vae, samples):
         images = original(vae, samples)
-        seen.append(images.clone())
+        seen.extend(image[None].clone() for image in images)  # one entry per image, batch or not
         return images
 
     monkeypatch.setattr(host, "decode", recording)
@@ -125,9 +125,11 @@ def test_the_nodes_verdict_and_figures_are_the_cores_check_on_the_same_images(lo
     targets, unlearned = trained
     report, passed = check(node, loaded, targets, unlearned, preserve_seeds=2)
     target = targets.targets[0]
-    base_target, unlearned_target, *held_out = decoded
+    # each model's regenerations in turn: its target replay, then the held-out seeds
+    base_target, *base_held_out = decoded[: len(decoded) // 2]
+    unlearned_target, *unlearned_held_out = decoded[len(decoded) // 2 :]
     pairs = [PreservePair(core(b), core(u), {k: row[k] for k in ("prompt", "target", "seed")})
-             for b, u, row in zip(held_out[::2], held_out[1::2], report["preserve"], strict=True)]  # fmt: skip
+             for b, u, row in zip(base_held_out, unlearned_held_out, report["preserve"], strict=True)]  # fmt: skip
     expected = check_preservation(
         [TargetImages(target.id, target.image.permute(2, 0, 1).float(), core(base_target), core(unlearned_target),
                       target.provenance["seed"])],
@@ -160,7 +162,8 @@ def test_an_sscd_file_in_models_unlearn_measures_forgetting(comfy, loaded, node,
     assert row["measure"] == "sscd" and report["measure"]["forgetting"].startswith("copy similarity (sscd)")
     detector = TorchScriptCopyDetector(folder / "tiny_sscd.pt")
     reference = targets.targets[0].image.permute(2, 0, 1)[None].float()
-    assert row["copy_similarity_unlearned_to_target"] == pytest.approx(float(copy_similarity(detector, core(decoded[1])[None], reference)))
+    unlearned_target = decoded[len(decoded) // 2]  # the unlearned model's replay of the target
+    assert row["copy_similarity_unlearned_to_target"] == pytest.approx(float(copy_similarity(detector, core(unlearned_target)[None], reference)))
     pixel, _ = check(node, loaded, targets, unlearned)
     assert row["copy_similarity_unlearned_to_target"] != pytest.approx(pixel["targets"][0]["copy_similarity_unlearned_to_target"])
 
@@ -183,6 +186,8 @@ def test_remember_seeds_and_preserve_seeds_are_disjoint(loaded, node, batch, mon
     remembered = list(seeds)
     seeds.clear()
     check(node, loaded, targets, unlearned, preserve_seeds=3)
-    held_out = seeds[2::2]  # after the target's seed (base, unlearned): base and unlearned per held-out seed
-    assert remembered == remember_seeds(31, 6) and held_out == preserve_seeds(31, 3) and seeds[:2] == [31, 31]
+    # each model in turn: the target's own seed, then the held-out seeds
+    assert seeds == [31, *preserve_seeds(31, 3)] * 2
+    held_out = preserve_seeds(31, 3)
+    assert remembered == remember_seeds(31, 6)
     assert not set(remembered) & set(held_out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..config import UnlearnConfig
 from ..data import UnlearnData
 from ..denoiser import Conditioning
 from ..errors import InputError
-from ..lora import LoraLayer, LoraWeights
+from ..lora import LoraLayer, LoraWeights, reproduction_metadata
 from ..process import ForwardProcess
 from ..split_gradients import LayerGradientSplit
 from ..trainer import Callback, TrainResult, train_unlearning
@@ -260,6 +259,6 @@ def unlearn_diffusers(
         denoiser = lora.denoiser(process, split=not config.gradient_checkpointing)
         result = train_unlearning(denoiser, process, data, config, callback, should_stop)
         weights = lora.weights()
-    weights.metadata.update({"unlearn.method": config.method, "unlearn.config": json.dumps(config.to_dict(), sort_keys=True)})
+    weights.metadata.update(reproduction_metadata(config, data, model_kind(model)))  # callers add what they know
     return UnlearnOutcome(training=result, lora=weights)
 

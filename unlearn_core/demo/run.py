@@ -20,39 +20,49 @@ from pathlib import Path
 
 import torch
 
-from .backends.diffusers_backend import DiffusersDenoiser, lora_attached, unlearn_diffusers
-from .config import UnlearnConfig
-from .data import ForgetTargets, RememberSet, UnlearnData
-from .errors import InputError
-from .files import atomic_write_text, tensor_hash
-from .forget_set import ForgetSetStore
-from .lora import LoraWeights, reproduction_metadata, save_lora
-from .metrics import load_lpips, ssim, to_unit
-from .preserve import PreservePair, TargetImages, Thresholds, check_preservation, evaluate
-from .previews import save_png, tile_grid
-from .sampling import sample, seeded_noise
-from .seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
-from .surrogate import repaint, sdedit
+from ..backends.diffusers_backend import DiffusersDenoiser, lora_attached, unlearn_diffusers
+from ..config import UnlearnConfig
+from ..data import ForgetTargets, RememberSet, UnlearnData
+from ..errors import InputError
+from ..files import atomic_write_text, tensor_hash
+from ..forget_set import ForgetSetStore
+from ..lora import LoraWeights, reproduction_metadata, save_lora
+from ..metrics import load_lpips, ssim, to_unit
+from ..preserve import HeldOut, Replay, Thresholds, check_preservation, paired, regenerate
+from ..previews import save_png, tile_grid
+from ..remember import RememberRequest, generate_remember
+from ..sampling import DenoiserSampler, seeded_noise
+from ..seeds import MAX_REMEMBER, preserve_seeds
+from ..surrogate import SAMPLED_KINDS, build_surrogate
 
-# evaluate and to_unit live in preserve / metrics; importable here for the benchmarks that use them
-__all__ = ["DemoSettings", "run_demo", "evaluate", "generate", "to_unit"]
+__all__ = ["DemoSettings", "LabelSampler", "run_demo", "generate"]
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def generate(model, process, cond_fn: Callable, labels: list[int], seeds: list[int], steps: int,
-             lora: LoraWeights | None = None, batch: int = 64, clip: float | None = None) -> torch.Tensor:  # fmt: skip
-    """Samples for (label, seed) pairs; the same pair always gives the same image."""
+             lora: LoraWeights | None = None, clip: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Samples for (label, seed) pairs of an embedded model, in [-1, 1]; the same pair always
+    gives the same image (the core's sampler, with ``lora`` attached while it samples)."""
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    outputs = []
     with lora_attached(model, weights=lora) if lora is not None else contextlib.nullcontext():
-        denoiser = DiffusersDenoiser(model, process)
-        for start in range(0, len(seeds), batch):
-            chunk_seeds, chunk_labels = seeds[start : start + batch], labels[start : start + batch]
-            noise = seeded_noise(chunk_seeds, shape)
-            outputs.append(sample(denoiser, process, noise, cond_fn(chunk_labels), steps, clip=clip))
-    return torch.cat(outputs).clamp(-1, 1)
+        sampler = DenoiserSampler(DiffusersDenoiser(model, process), process, steps, clip)
+        return sampler.generate(cond_fn(labels), seeds, shape).clamp(-1, 1)
+
+
+class LabelSampler:
+    """The embedded models' :class:`~unlearn_core.sampling.Sampler`: a prompt is a class label (or
+    one label per seed), turned into conditioning by ``cond_fn``."""
+
+    def __init__(self, sampler: DenoiserSampler, cond_fn: Callable):
+        self.sampler, self.cond_fn = sampler, cond_fn
+
+    def generate(self, prompt, seeds, shape):
+        return self.sampler.generate(self.cond_fn(prompt if isinstance(prompt, list) else [prompt]), seeds, shape)
+
+    def edit(self, prompt, image, strength, seed, mask=None):
+        return self.sampler.edit(self.cond_fn([prompt]), image, strength, seed, mask)
 
 
 # --- the demo ----------------------------------------------------------------------------------
@@ -63,7 +73,7 @@ class DemoSettings:
     seeds_per_class: int = 64
     sample_steps: int = 20
     target: str | None = None  # "class:seed"; None picks the most confidently wrong output
-    surrogate: str = "repaint"  # regenerate the outer bands under the prompt; or "sdedit"
+    surrogate: str = "inpaint"  # regenerate the outer bands under the prompt; or "sdedit"
     strength: float = 1.0
     remember_same_prompt: int = 24
     remember_per_other_class: int = 4
@@ -76,8 +86,8 @@ class DemoSettings:
         steps=150, learning_rate=3e-4, lora_rank=8, forget_batch_size=8, remember_batch_size=8, gamma=1.0, seed=0))  # fmt: skip
 
     def __post_init__(self):
-        if self.surrogate not in ("sdedit", "repaint"):
-            raise InputError(f"surrogate={self.surrogate!r}: choose sdedit or repaint")
+        if self.surrogate not in SAMPLED_KINDS:  # the demo makes its surrogate with the model
+            raise InputError(f"surrogate={self.surrogate!r}: choose {' or '.join(SAMPLED_KINDS)}")
         for name in ("seeds_per_class", "sample_steps", "remember_same_prompt", "integrity_seeds"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1")
@@ -107,7 +117,7 @@ def find_undesired(labels: list[int], predicted: torch.Tensor, confidence: torch
 def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = None,
              callback: Callable | None = None) -> dict:  # fmt: skip
     """The main job on the embedded flags model. Returns the report (also written to out_dir)."""
-    from . import demo_model
+    from . import models as demo_model
 
     settings = settings or DemoSettings()
     classes = demo_model.FLAG_CLASSES
@@ -147,34 +157,28 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     record, _ = ForgetSetStore(out / "forget_sets").add("demo", to_unit(target[0]).permute(1, 2, 0), provenance=provenance)
 
     # 3. surrogate from the same model, same prompt
-    denoiser = DiffusersDenoiser(model, process)
+    sampler = LabelSampler(DenoiserSampler(DiffusersDenoiser(model, process), process, settings.sample_steps), cond_fn)
     target_cond = cond_fn([target_label])
-    if settings.surrogate == "sdedit":
-        surrogate = sdedit(denoiser, process, target, target_cond, settings.strength, settings.sample_steps, seed=1)
-    else:
-        mask = demo_model.outer_bands_mask(*target.shape[-2:])
-        surrogate = repaint(denoiser, process, target, mask, target_cond, settings.strength, settings.sample_steps, seed=1)
-    surrogate = surrogate.clamp(-1, 1)
+    mask = demo_model.outer_bands_mask(*target.shape[-2:]) if settings.surrogate == "inpaint" else None
+    surrogate = build_surrogate(settings.surrogate, target, sampler=sampler, prompt=target_label, strength=settings.strength,
+                                seed=1, mask=mask).clamp(-1, 1)  # fmt: skip
 
     # 4. remember set: other seeds of the same prompt (the paper's choice) plus a few of each other class,
     # all from the seed rule's remember range, so the preserve check never sees an output training saw
-    remember_labels = [target_label] * settings.remember_same_prompt
-    training_seeds = remember_seeds(target_seed, settings.remember_same_prompt)
-    for other in range(len(classes)):
-        if other != target_label:
-            remember_labels += [other] * settings.remember_per_other_class
-            training_seeds += remember_seeds(target_seed, settings.remember_per_other_class)
-    remember = generate(model, process, cond_fn, remember_labels, training_seeds, settings.sample_steps)
+    requests = [RememberRequest(target_label, target_seed, settings.remember_same_prompt)]
+    requests += [RememberRequest(other, target_seed, settings.remember_per_other_class)
+                 for other in range(len(classes)) if other != target_label]  # fmt: skip
+    remember, remember_labels = generate_remember(sampler, requests, tuple(target.shape[1:]))
     own_noise = seeded_noise([target_seed], tuple(target.shape[1:]))  # the noise that sampled the target
-    data = UnlearnData(ForgetTargets(target, surrogate, target_cond, own_noise), RememberSet(remember, cond_fn(remember_labels)))
+    data = UnlearnData(ForgetTargets(target, surrogate, target_cond, own_noise),
+                       RememberSet(remember.clamp(-1, 1), cond_fn(remember_labels)))  # fmt: skip
 
     # 5. train the unlearning LoRA
     outcome = unlearn_diffusers(model, process, data, settings.config, callback=callback)
     train_seconds = outcome.training.seconds
     lora = outcome.lora
     metadata = reproduction_metadata(
-        settings.config, [record.id], [tensor_hash(surrogate)], "flags_sd3 (embedded demo)",
-        demo_settings={k: v for k, v in asdict(settings).items() if k != "config"},
+        settings.config, data, "flags_sd3 (embedded demo)", target_ids=[record.id], demo_settings={k: v for k, v in asdict(settings).items() if k != "config"},
     )
     lora_file = save_lora(out / "unlearn_lora.safetensors", lora, "diffusers", metadata)
 
@@ -182,17 +186,18 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     # the target) and the unlearned one, and held-out seeds of every class, base vs unlearned
     integrity_seeds = preserve_seeds(target_seed, settings.integrity_seeds)
     integrity_labels = [index % len(classes) for index in range(len(integrity_seeds))]
-    before_target = generate(model, process, cond_fn, [target_label], [target_seed], settings.sample_steps)
-    after_target = generate(model, process, cond_fn, [target_label], [target_seed], settings.sample_steps, lora)
-    base_others = generate(model, process, cond_fn, integrity_labels, integrity_seeds, settings.sample_steps)
-    after_others = generate(model, process, cond_fn, integrity_labels, integrity_seeds, settings.sample_steps, lora)
+    replays = [Replay(record.id, to_unit(target[0]), tuple(target.shape[1:]), target_label, target_seed)]
+    held_out = [HeldOut(integrity_labels, integrity_seeds, tuple(target.shape[1:]),
+                        [{"prompt": classes[label], "seed": seed} for label, seed in zip(integrity_labels, integrity_seeds, strict=True)])]  # fmt: skip
+    to_images = lambda samples: to_unit(samples.clamp(-1, 1))  # noqa: E731
+    base = regenerate(sampler, to_images, replays, held_out)
+    with lora_attached(model, weights=lora):
+        unlearned = regenerate(sampler, to_images, replays, held_out)
     check = check_preservation(
-        [TargetImages(record.id, to_unit(target[0]), to_unit(before_target[0]), to_unit(after_target[0]), target_seed)],
-        [PreservePair(to_unit(base), to_unit(after), {"prompt": classes[label], "seed": seed})
-         for base, after, label, seed in zip(base_others, after_others, integrity_labels, integrity_seeds, strict=True)],
-        demo_model.flag_copy_detector(classifier), Thresholds(settings.forget_threshold, settings.integrity_ssim_min),
-        load_lpips(),
+        *paired(replays, held_out, base, unlearned), demo_model.flag_copy_detector(classifier),
+        Thresholds(settings.forget_threshold, settings.integrity_ssim_min), load_lpips(),
     )  # fmt: skip
+    after_target = unlearned.targets[0].unsqueeze(0) * 2 - 1
     evaluation = check.evaluation
     after_predicted, after_confidence = demo_model.classify_flags(classifier, after_target)
     base_intact = all(tensor_hash(p) == base_fingerprint[n] for n, p in model.state_dict().items())
@@ -219,7 +224,9 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
         "files": {"lora": lora_file.name, "grid": "grid.png", "report_html": "report.html"},
         "seconds": time.perf_counter() - started,
     }
-    save_png(out / "grid.png", demo_grid(target, surrogate, after_target, base_others[:8], after_others[:8]))
+    base_others = torch.stack(base.held_out[:8]) * 2 - 1
+    after_others = torch.stack(unlearned.held_out[:8]) * 2 - 1
+    save_png(out / "grid.png", demo_grid(target, surrogate, after_target, base_others, after_others))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.html", report_html(report, out / "grid.png"))
     return report

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .process import DDPMEpsilon, RectifiedFlow
+from ..errors import InputError
+from ..process import DDPMEpsilon, RectifiedFlow
 
 __all__ = [
     "FLAG_CLASSES",
@@ -58,7 +58,7 @@ FLAG_SIZE = 32
 SHAPES_SIZE = 16
 SHAPE_KINDS = ("circle", "square", "triangle")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FLAGS_WEIGHTS = "flags_sd3.safetensors"
 SHAPES_WEIGHTS = "shapes_ddpm.safetensors"
 CLASSIFIER_WEIGHTS = "flags_classifier.safetensors"
@@ -371,7 +371,7 @@ class _FlagFeatures(torch.nn.Module):
 def flag_copy_detector(classifier: FlagClassifier | None = None):
     """Copy similarity in the flag classifier's penultimate features: the offline stand-in for
     SSCD on the flags model (a learned feature space of exactly this data)."""
-    from .metrics import FeatureCopyDetector
+    from ..metrics import FeatureCopyDetector
 
     return FeatureCopyDetector(_FlagFeatures(classifier or load_flags_classifier()), "flag-classifier features")
 
