@@ -14,13 +14,28 @@ from .unlearn_lora import InstanceUnlearnLoRA
 NODES: list[type[io.ComfyNode]] = [MarkUndesiredOutput, BuildSurrogate, InstanceUnlearnLoRA, PreserveCheck]
 
 
+_set_up = False
+
+
+def set_up_once() -> None:
+    """The web routes and the workflows' example inputs, once per process (they must exist before
+    the server adds its routes to the app)."""
+    global _set_up
+    if _set_up:
+        return
+    _set_up = True
+    paths.install_example_inputs()  # the inpaint workflow's example image, so it loads as shipped
+    table = host.server_routes()
+    if table is not None:
+        routes.register(table, routes.ForgetSetHandlers(store, paths.directory_by_type))
+
+
 class InstanceUnlearnExtension(ComfyExtension):
     async def on_load(self) -> None:
-        table = host.server_routes()
-        if table is not None:
-            routes.register(table, routes.ForgetSetHandlers(store, paths.directory_by_type))
+        set_up_once()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        set_up_once()  # ComfyUI 0.3.x never calls on_load; both come before the server's routes
         return NODES
 
 

@@ -189,7 +189,12 @@ def process_latent_in(patcher, samples: torch.Tensor) -> torch.Tensor:
 
 
 def _alias(tensor: torch.Tensor) -> torch.nn.Parameter:
-    """A non-inference tensor over the same storage (no copy), frozen."""
+    """A non-inference tensor over the same storage (no copy), frozen.
+
+    Only plain tensors get one. A quantized weight (ComfyUI's QuantizedTensor, e.g. from a
+    scaled-fp8 file) is a wrapper without storage of its own, and the layer dequantizes it into a
+    fresh tensor at every forward, layer by layer, before the LoRA adds to it: that tensor, not the
+    inference weight, is what autograd keeps."""
     alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
     return torch.nn.Parameter(alias, requires_grad=False)
@@ -261,12 +266,12 @@ def lora_training_clone(
         for name, module in clone.model.named_modules():
             if not hasattr(module, "weight_function"):
                 continue
-            for kind in ("weight", "bias"):
-                tensor = getattr(module, kind, None)
-                if tensor is None:
-                    continue
+            # weight and bias, and what else the layer's forward multiplies in (scaled fp8's
+            # scale_weight / scale_input in ComfyUI 0.3.x)
+            for kind, tensor in list(module.named_parameters(recurse=False)):
                 key = f"{name}.{kind}"
-                clone.add_object_patch(key, _alias(tensor))
+                if type(tensor.data) is torch.Tensor:  # a quantized weight needs none: see _alias
+                    clone.add_object_patch(key, _alias(tensor))
                 if kind == "weight" and name in targets:
                     adapter = LoRAAdapter.create_train(tensor, rank=rank, alpha=alpha).to(torch.float32)
                     adapter.train().requires_grad_(True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import folder_paths
 
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import safe_child
+from ..unlearn_core.files import atomic_write_bytes, safe_child
 
 COPY_DETECTOR_SUFFIXES = (".pt", ".pth", ".torchscript")
 COPY_DETECTOR_FOLDER = "unlearn"  # under models/
@@ -84,3 +84,19 @@ def copy_detector_path(name: str) -> Path:
             return path
     shown = ", ".join(str(folder) for folder in copy_detector_folders())
     raise InputError(f"copy detector {name!r} is not in {shown}; put the SSCD TorchScript file there, or choose pixel")
+
+
+#: input images the shipped workflows load (copied into ComfyUI's input folder when missing)
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "input"
+
+
+def install_example_inputs() -> list[str]:
+    """Copy the workflows' example inputs into ComfyUI's input folder, never over a file of the
+    same name (the user's own stays). Returns the names copied."""
+    target = Path(folder_paths.get_input_directory())
+    copied = []
+    for source in sorted(EXAMPLE_INPUTS.glob("*.png")):
+        if not (target / source.name).exists():
+            atomic_write_bytes(target / source.name, source.read_bytes())
+            copied.append(source.name)
+    return copied

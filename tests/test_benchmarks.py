@@ -72,3 +72,16 @@ def test_effectiveness_rule_chooses_sweep_rates_and_defaults_as_written():
     assert defaults["learning_rate"] == 3e-3
     tables["shapes"]["sweeps"][names[1]]["complete"] = False  # a sweep still running chooses nothing
     assert bench.choose_defaults(tables)["chosen"] == names[0]
+
+
+def test_gpu_size_benchmark_runs_at_the_tiny_size_on_the_cpu(speed, tmp_path, capsys):
+    """The GPU benchmark's smoke run: every trainer and checkpointing setting gives a row."""
+    gpu_size = load_benchmark("gpu_size")  # imports speed, as it does beside it in benchmarks/
+    out = tmp_path / "gpu_size.json"
+    assert gpu_size.main(["--sizes", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["trainer"], r["checkpointing"]) for r in rows} == {
+        (trainer, checkpointing) for trainer in ("ours (diffusers)", "plain peft LoRA") for checkpointing in (False, True)
+    }
+    assert all(r["batch"] == 2 and math.isfinite(r["seconds_per_step"]) and r["peak_mb"] is None for r in rows)
+    assert "| tiny | ours (diffusers) | on | 2 |" in capsys.readouterr().out

@@ -52,7 +52,7 @@ def test_an_unlearned_output_that_is_no_longer_a_copy_is_forgotten_and_the_measu
     assert row["forgotten"] is True and row["copy_similarity_unlearned_to_target"] == pytest.approx(similarity)
     assert row["measure"] == "pixel-cosine" and "pixel-cosine" in report.measure["forgetting"]
     assert report.passed is True and report.summary["verdict"].startswith("forgotten: 1/1 (copy similarity, pixel-cosine)")
-    assert report.summary["thresholds"] == {"forget_copy_similarity_below": 0.7, "reproduction_ssim_at_least": 0.9,
+    assert report.summary["thresholds"] == {"forget_copy_similarity_below": 0.7, "reproduction_ssim_at_least": 0.98,
                                             "integrity_ssim_at_least": 0.85}  # fmt: skip
 
 

@@ -162,6 +162,27 @@ def test_a_worker_keeps_the_model_loaded_and_gives_the_clis_bytes(workspace):
     assert set(audit["base_model"]["files_sha256"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
 
 
+def test_a_worker_whose_lease_went_elsewhere_stops_training_and_writes_nothing(workspace):
+    """The lease expired and another worker took the request: this one stops at its next check
+    instead of training a duplicate to the end, and leaves the other's claim alone."""
+    root, job = workspace
+    clock = Clock()
+    queue = RequestQueue(root / "q", lease_seconds=60, clock=clock)
+    queue.submit({**job, "config": {**job.get("config", {}), "steps": 50}}, "r")
+    stale = queue.claim(WORKER)
+    clock.now += 61
+    assert queue.recover_expired() == ["r"]
+    fresh = queue.claim({"host": "other", "pid": 2})
+    worker = RequestWorker(str(queue.root), threads=2)
+    worker.queue = queue  # the test's clock
+    worker.lease_check_seconds = 0.0
+    outcome = worker.run(stale)
+    assert outcome["status"] == "failed" and not outcome["retry"] and "stopped" in outcome["error"], outcome
+    assert not queue.outputs("r").exists() and not any(queue.root.joinpath("outputs").iterdir())
+    assert queue.holds(fresh) and not queue.holds(stale)
+    queue.complete(fresh)
+
+
 def test_a_malformed_request_fails_alone_without_retry_and_writes_nothing(workspace):
     root, job = workspace
     queue = RequestQueue(root / "q")

@@ -76,8 +76,12 @@ def test_training_is_the_same_with_and_without_the_split(kind):
     two_pass, two_result = train(model, process, data, config, split=False)
     assert any(layer.up.abs().max() > 0 for layer in two_pass.layers.values())
     for name, layer in two_pass.layers.items():
-        torch.testing.assert_close(one_pass.layers[name].up, layer.up, rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(one_pass.layers[name].down, layer.down, rtol=1e-3, atol=1e-6)
+        # the same sums in another order: equal up to float rounding, which AdamW's normalisation
+        # can lift to a relative 0.5% on an entry near zero (seen with torch 2.9's CPU kernels)
+        for part in ("up", "down"):
+            expected = getattr(layer, part)
+            torch.testing.assert_close(getattr(one_pass.layers[name], part), expected, rtol=1e-3,
+                                       atol=1e-4 * float(expected.abs().max()))  # fmt: skip
     for a, b in zip(one_result.history, two_result.history, strict=True):
         assert a["forget_loss"] == pytest.approx(b["forget_loss"], rel=1e-4)
         assert a["remember_loss"] == pytest.approx(b["remember_loss"], rel=1e-4)

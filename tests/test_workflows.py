@@ -172,3 +172,18 @@ def test_frontend_only_nodes_and_file_inputs_are_declared_consistently():
         if node_type in snapshot:
             for name in inputs:
                 assert "options" not in snapshot[node_type]["input"]["required"][name][1], "file lists are machine-specific"
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_each_workflow_has_a_thumbnail_and_its_input_images(name):
+    """ComfyUI's template browser shows <name>.jpg beside <name>.json; the images a workflow's
+    loaders name ship in workflows/input/ (the pack installs them into ComfyUI's input folder)."""
+    from PIL import Image
+
+    folder = ROOT / "workflows"
+    with Image.open(folder / name.replace(".json", ".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 128
+    inputs = {value for _, kind, value in check_workflow(WORKFLOWS[name], load_snapshot()).files if kind == "input"}
+    for image in inputs:
+        with Image.open(folder / "input" / image) as shipped:
+            assert shipped.mode == "RGBA", f"{image}: LoadImage takes the mask from the alpha channel"

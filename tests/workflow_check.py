@@ -293,5 +293,14 @@ def snapshot_of(object_info: dict, node_types: set[str]) -> dict:
     return {node_type: normalise_definition(object_info[node_type], node_type) for node_type in sorted(node_types)}
 
 
-def write_snapshot(snapshot: dict) -> None:
+#: the ComfyUI version the snapshot was taken from (other hosts list other samplers, widgets, ...)
+SNAPSHOT_HOST = NODE_DEFINITIONS.with_name("node_definitions.host.json")
+
+
+def write_snapshot(snapshot: dict, comfyui_version: str) -> None:
     NODE_DEFINITIONS.write_text(json.dumps(snapshot, indent=1, ensure_ascii=False) + "\n")
+    SNAPSHOT_HOST.write_text(json.dumps({"comfyui_version": comfyui_version}) + "\n")
+
+
+def snapshot_host() -> str:
+    return json.loads(SNAPSHOT_HOST.read_text())["comfyui_version"]

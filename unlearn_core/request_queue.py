@@ -252,6 +252,14 @@ class RequestQueue:
             record["result"] = result
         self._write_record(claim.id, record)
 
+    def holds(self, claim: Claim) -> bool:
+        """Whether the request is still this claim's (a read, no lock: a worker asks it while it trains)."""
+        try:
+            self._own(claim)
+        except (LostClaim, OSError, ValueError):
+            return False
+        return True
+
     def renew(self, claim: Claim) -> bool:
         """Extend the lease; False when the request is no longer this claim's."""
         with self._locked():

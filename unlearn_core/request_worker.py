@@ -53,6 +53,21 @@ def _read_request(path: Path) -> tuple[dict, bytes]:
     return job, data
 
 
+class LeaseCheck:
+    """``should_stop`` for the trainer: true once the claim no longer holds its request, read at
+    most every ``every`` seconds (the lease is a file)."""
+
+    def __init__(self, queue: RequestQueue, claim: Claim, every: float = 5.0):
+        self.queue, self.claim, self.every = queue, claim, every
+        self.checked, self.lost = time.monotonic(), False
+
+    def __call__(self) -> bool:
+        if not self.lost and time.monotonic() - self.checked >= self.every:
+            self.checked = time.monotonic()
+            self.lost = not self.queue.holds(self.claim)
+        return self.lost
+
+
 class RequestWorker:
     """Runs queue requests in this process, keeping the last base model loaded between them."""
 
@@ -62,6 +77,7 @@ class RequestWorker:
         self.device = device
         self.name = name
         self.models = ModelCache(device)
+        self.lease_check_seconds = 5.0  # how often training asks whether its lease still holds
 
     def identity(self) -> dict:
         """Who this worker is, for leases and audit records."""
@@ -79,7 +95,9 @@ class RequestWorker:
         try:
             job, data = _read_request(self.queue.path("running", claim.id))
             staging.mkdir(parents=True, exist_ok=False)
-            result = run_job(job, base_dir=self.queue.root, out_dir=staging, models=self.models)
+            # a request whose lease went to another worker stops training at the next check
+            result = run_job(job, base_dir=self.queue.root, out_dir=staging, models=self.models,
+                             should_stop=LeaseCheck(self.queue, claim, self.lease_check_seconds))
             audit = self._audit(claim, data, result, started, staging)
             atomic_write_text(staging / AUDIT_FILE, json.dumps(audit, indent=2, sort_keys=True))
             outputs = self.queue.publish(claim, staging)

@@ -124,10 +124,10 @@ FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": F
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_files):
-    """One server for the workflow and browser tests: tiny models, plus a stand-in for every file
-    the shared workflows name (empty model files, a small image with a mask), so that ComfyUI's
-    own validation of the workflows' file combos passes without the real SD3.5 downloads."""
-    from PIL import Image
+    """One server for the workflow and browser tests: tiny models, plus an empty stand-in for every
+    model file the shared workflows name, so that ComfyUI's own validation of the workflows' file
+    combos passes without the real SD3.5 downloads. Input images are not stood in: the pack
+    installs the workflows' own into the input folder when it loads."""
     from workflow_check import check_workflow, load_snapshot, load_workflows
 
     from .server import ComfyServer
@@ -135,13 +135,9 @@ def comfy_server(tmp_path_factory, tiny_files):
     base = tmp_path_factory.mktemp("workflow_server")
     for workflow in load_workflows().values():
         for _, folder, name in check_workflow(workflow, load_snapshot()).files:
-            path = base / ("input" if folder == "input" else f"models/{folder}") / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if folder == "input":
-                image = Image.new("RGBA", (64, 64), (90, 120, 200, 255))
-                image.paste((90, 120, 200, 0), (16, 16, 48, 48))  # the painted (masked) region
-                image.save(path)
-            else:
+            if folder != "input":
+                path = base / "models" / folder / name
+                path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)

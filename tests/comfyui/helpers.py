@@ -13,9 +13,19 @@ SURROGATE = dict(method="sdedit", strength=0.6, seed=0, steps=4, cfg=2.0, sample
                  scheduler="sgm_uniform", noise_std=0.1)  # fmt: skip
 
 
+def prepared(node_cls, hidden: dict | None = None):
+    """The node class as the executor prepares it, with its hidden inputs (ComfyUI 0.33 takes them
+    inside its V3 data, 0.3.x as they are)."""
+    import inspect
+
+    if "v3_data" in inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters:
+        return node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden or {}})
+    return node_cls.PREPARE_CLASS_CLONE(hidden or {})
+
+
 def run(node_cls, hidden: dict | None = None, **inputs):
     """Execute a V3 node class (with its hidden inputs) under inference mode, like a prompt."""
-    node = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden or {}})
+    node = prepared(node_cls, hidden)
     with torch.inference_mode():
         return node.execute(**inputs).result
 

@@ -198,6 +198,66 @@ def test_mark_as_undesired_from_the_image_context_menu(page, comfy_server, rende
     browser.screenshot(page, f"mark-set-loaded-by-node-{renderer}")
 
 
+# The page rectangles of a node's images (Nodes 2.0: its <img> elements), in batch order.
+IMAGE_RECTS = """(id) => [...document.querySelector(`[data-node-id="${id}"]`).querySelectorAll("img")]
+  .map((img) => { const r = img.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height,
+                                                                 src: img.src}; })"""
+
+
+@pytest.mark.parametrize("renderer", sorted(browser.RENDERERS))
+def test_mark_as_undesired_marks_the_image_under_the_cursor_in_a_batch_grid(page, comfy_server, renderer):
+    forget_set = f"grid_{renderer}"
+    browser.use_renderer(page, renderer)
+    page.evaluate("([id, value]) => app.extensionManager.setting.set(id, value)", [SETTING, forget_set])
+    ids = browser.build_graph(page, tiny_generation(f"browser_grid_{renderer}", batch=4))
+    browser.queue_with_run_button(page)
+    save = ids["save"]
+    page.wait_for_function(f"() => (app.nodeOutputs?.['{save}']?.images ?? []).length === 4", timeout=180_000)
+    page.wait_for_timeout(1000)
+    wanted = 2  # the third image of the batch
+    if renderer == "nodes_2":
+        page.wait_for_function(f"() => document.querySelectorAll('[data-node-id=\"{save}\"] img').length === 4")
+        cells = page.evaluate(IMAGE_RECTS, save)
+        cell = cells[wanted]
+        point = (cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)
+        page.mouse.move(*point)
+    else:  # the classic canvas: find the grid cell of image 2 by hovering until the node reports it
+        rect = page.evaluate(browser.NODE_RECT, save)
+        point = None
+        for fy in (0.35, 0.5, 0.65, 0.8, 0.9):
+            for fx in (0.15, 0.35, 0.5, 0.65, 0.85):
+                candidate = (rect["x"] + rect["width"] * fx, rect["y"] + rect["height"] * fy)
+                page.mouse.move(*candidate)
+                page.wait_for_timeout(50)
+                if page.evaluate(f"() => app.graph.getNodeById({save}).overIndex") == wanted:
+                    point = candidate
+                    break
+            if point:
+                break
+        assert point, "no grid cell of the classic node reports image 2 under the cursor"
+    page.mouse.click(*point, button="right")
+    entry = page.get_by_text("Mark as undesired", exact=True)
+    entry.wait_for(timeout=10_000)
+    browser.screenshot(page, f"mark-batch-grid-{renderer}", browser.union(page.evaluate(browser.NODE_RECT, save),
+                                                                          page.evaluate(browser.MENU_RECT, "Mark as undesired")))  # fmt: skip
+    entry.click()
+    page.locator(".prompt-dialog-content input").press("Enter")
+    page.locator(".p-toast-message-success", has_text=f'Added to forget set "{forget_set}"').wait_for(timeout=30_000)
+    manifest = comfy_server.base / "output" / "unlearn" / "forget_sets" / forget_set / "manifest.json"
+    targets = json.loads(manifest.read_text())["targets"]
+    assert [t["provenance"]["filename"] for t in targets] == [f"browser_grid_{renderer}_{wanted + 1:05d}_.png"]
+
+    if renderer == "nodes_2":  # beside the images (the node's title) there is no image to mark
+        page.keyboard.press("Escape")
+        title = page.evaluate(browser.NODE_RECT, save)
+        page.mouse.click(title["x"] + 30, title["y"] + 12, button="right")
+        page.wait_for_timeout(800)
+        entries = page.evaluate("""() => [...document.querySelectorAll(".litemenu-entry, [role=menuitem]")]
+          .map((e) => e.textContent.trim())""")  # fmt: skip
+        assert entries and "Mark as undesired" not in entries, entries  # the node's menu opened, without the entry
+        page.keyboard.press("Escape")
+
+
 # Records the chart after each progress event (listeners run in order: the chart's own first).
 RECORD_CHART = """async () => {
   const { api } = await import("/scripts/api.js");

@@ -59,8 +59,12 @@ def test_base_model_with_the_recorded_negative_reproduces_the_target_and_is_not_
 def test_a_target_the_base_model_cannot_reproduce_is_never_counted_forgotten(loaded, node, batch):
     targets = mark(node, loaded, batch, "verdict_missing", with_negative=False)
     report, passed = check(node, loaded, targets)
+    from instance_unlearn.unlearn_core.metrics import SAME_OUTPUT_SSIM
+
     row = report["targets"][0]
-    assert row["ssim_base_to_target"] < 0.9  # the zeroed negative gives another image
+    # the zeroed negative gives another image: below the same-output level (how far below depends on
+    # the host's tiny VAE: 0.3 to 0.35 with 0.33's slim decoder, about 0.91 with 0.3.x's full one)
+    assert row["ssim_base_to_target"] < SAME_OUTPUT_SSIM
     assert row["reproduced"] is False and row["forgotten"] is None
     assert "cannot verify forgetting" in row["note"] and "negative" in row["note"]
     summary = report["summary"]

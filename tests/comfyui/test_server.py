@@ -26,6 +26,15 @@ def schema_of(info: dict) -> dict:
     }
 
 
+def test_the_workflows_example_input_is_installed_and_served(server):
+    """The inpaint workflow's LoadImage names undesired_with_mask.png: the pack copies it into the
+    input folder on load (the server's own image listing then offers it)."""
+    shipped = Path(__file__).resolve().parents[2] / "workflows" / "input" / "undesired_with_mask.png"
+    status, body = server.request("GET", "/view?filename=undesired_with_mask.png&type=input")
+    assert status == 200 and body == shipped.read_bytes()
+    assert "undesired_with_mask.png" in server.get("/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0]
+
+
 def test_object_info_lists_the_four_nodes_with_documented_inputs(server):
     info = server.get("/object_info")
     for node_id in NODE_IDS:

@@ -27,13 +27,27 @@ def write_tiny_sd3(path: Path) -> Path:
 
 
 def write_tiny_vae(path: Path) -> Path:
-    """An SD3-layout VAE (16 latent channels, 8x downscale) with a slim decoder, random weights."""
+    """An SD3-layout VAE (16 latent channels, 8x downscale), random weights, with a slim decoder
+    where the host's VAE loader reads the decoder's width from the weights (ComfyUI 0.33), else
+    with the full-width decoder its fixed SD3 configuration expects (0.3.x)."""
+    _write_vae(path, decoder_ch=32)
+    try:
+        import comfy.sd
+        import comfy.utils
+
+        comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    except RuntimeError:  # size mismatch: this host builds the decoder at the encoder's width
+        _write_vae(path, decoder_ch=128)
+    return path
+
+
+def _write_vae(path: Path, decoder_ch: int) -> None:
     from comfy.ldm.models.autoencoder import AutoencodingEngine
 
     torch.manual_seed(1)
     config = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
-    decoder = dict(config, ch=32)
+    decoder = dict(config, ch=decoder_ch)
     engine = AutoencodingEngine(
         regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
         encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
@@ -48,7 +62,6 @@ def write_tiny_vae(path: Path) -> Path:
             else:
                 tensor.zero_()
     save_file({k: v.detach().half().contiguous() for k, v in engine.state_dict().items()}, str(path))
-    return path
 
 
 def conditioning(seed: int, batch: int = 1):

@@ -213,7 +213,7 @@ def lora_attached(
 
 
 @contextlib.contextmanager
-def _gradient_checkpointing(model: torch.nn.Module, enabled: bool):
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool):
     was = bool(getattr(model, "is_gradient_checkpointing", False))
     if enabled and not was:
         model.enable_gradient_checkpointing()
@@ -246,13 +246,13 @@ def unlearn_diffusers(
     if config.adapter == "full":
         trained = copy.deepcopy(model)
         trained.requires_grad_(True)
-        with _gradient_checkpointing(trained, config.gradient_checkpointing):
+        with gradient_checkpointing(trained, config.gradient_checkpointing):
             result = train_unlearning(DiffusersDenoiser(trained, process), process, data, config, callback, should_stop)
         trained.requires_grad_(False)
         return UnlearnOutcome(training=result, finetuned=trained)
     with (
         lora_attached(model, config.lora_rank, config.effective_alpha, config.target_modules, seed=config.seed) as lora,
-        _gradient_checkpointing(model, config.gradient_checkpointing),
+        gradient_checkpointing(model, config.gradient_checkpointing),
     ):
         # Checkpointing re-runs blocks in the backward pass; the split would keep every LoRA
         # input alive across the whole forward and undo the memory it saves, so use two passes.

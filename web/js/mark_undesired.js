@@ -6,17 +6,45 @@ import { api } from "../../../scripts/api.js";
 const SETTING = "InstanceUnlearn.DefaultForgetSet";
 const TITLE = "Mark as undesired";
 
-// The image the node shows (the selected one of a batch), as the server's /view parameters.
-function shownImage(node) {
-  const images = node.imgs ?? [];
-  if (!images.length) return null;
-  const index = node.imageIndex ?? node.overIndex ?? 0;
-  const element = images[Math.min(index, images.length - 1)];
-  if (!element?.src) return null;
-  const params = new URL(element.src, window.location.href).searchParams;
+// Where the user right-clicked last, in page pixels: Nodes 2.0 draws a node's images as DOM
+// elements (a batch as a grid of them, with node.imgs left empty), so the image under the
+// pointer is found there; the classic canvas tracks it in node.imageIndex / node.overIndex.
+let pointer = null;
+document.addEventListener("contextmenu", (event) => { pointer = { x: event.clientX, y: event.clientY }; }, true);
+
+function viewParams(src) {
+  const params = new URL(src, window.location.href).searchParams;
   const filename = params.get("filename");
   if (!filename) return null;
   return { filename, subfolder: params.get("subfolder") ?? "", type: params.get("type") ?? "output" };
+}
+
+// Nodes 2.0: the image element of this node under the last right-click (its <img> does not take
+// pointer events, so the test is geometric).
+function imageUnderPointer(node) {
+  if (!pointer) return null;
+  const element = document.querySelector(`[data-node-id="${node.id}"]`);
+  if (!element) return null;
+  const hit = [...element.querySelectorAll("img")].find((img) => {
+    const r = img.getBoundingClientRect();
+    return pointer.x >= r.left && pointer.x <= r.right && pointer.y >= r.top && pointer.y <= r.bottom;
+  });
+  return hit?.src ? viewParams(hit.src) : null;
+}
+
+// Classic canvas: the image shown alone (one image, or the one clicked into view), or the grid
+// cell under the pointer. A grid with no cell under the pointer marks nothing.
+function shownImage(node) {
+  const images = node.imgs ?? [];
+  if (!images.length) return null;
+  const index = images.length === 1 ? 0 : node.imageIndex ?? node.overIndex;
+  const element = index == null ? null : images[Math.min(index, images.length - 1)];
+  return element?.src ? viewParams(element.src) : null;
+}
+
+function imageToMark(node) {
+  const vueNodes = app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled");
+  return vueNodes ? imageUnderPointer(node) : shownImage(node);
 }
 
 async function askForgetSet() {
@@ -61,6 +89,16 @@ async function mark(image) {
   );
 }
 
+function menuItems(node) {
+  const image = imageToMark(node);
+  return image ? [null, { content: TITLE, callback: () => mark(image) }] : [];
+}
+
+// Frontends before the node-menu hook (getNodeMenuItems; ComfyUI 0.3.x ships 1.27) have only
+// LiteGraph's per-node-type getExtraMenuOptions: the entry goes there instead, and the console
+// says so once.
+const HAS_NODE_MENU_HOOK = typeof app.collectNodeMenuItems === "function";
+
 app.registerExtension({
   name: "unlearn.MarkUndesired",
   settings: [
@@ -73,9 +111,22 @@ app.registerExtension({
       tooltip: "The forget set the image context menu suggests; the Mark Undesired Output node loads it by name.",
     },
   ],
-  getNodeMenuItems(node) {
-    const image = shownImage(node);
-    if (!image) return [];
-    return [null, { content: TITLE, callback: () => mark(image) }];
-  },
+  ...(HAS_NODE_MENU_HOOK
+    ? { getNodeMenuItems: menuItems }
+    : {
+        setup() {
+          console.warn(
+            `[instance_unlearn] this frontend (${window.__COMFYUI_FRONTEND_VERSION__ ?? "unknown version"}) has no ` +
+              "getNodeMenuItems hook: 'Mark as undesired' is added to the legacy node menu (classic renderer).",
+          );
+        },
+        beforeRegisterNodeDef(nodeType) {
+          const original = nodeType.prototype.getExtraMenuOptions;
+          nodeType.prototype.getExtraMenuOptions = function (canvas, options) {
+            const result = original?.apply(this, arguments);
+            options.push(...menuItems(this));
+            return result;
+          };
+        },
+      }),
 });
