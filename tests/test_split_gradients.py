@@ -81,7 +81,7 @@ def test_training_is_the_same_with_and_without_the_split(kind):
         for part in ("up", "down"):
             expected = getattr(layer, part)
             torch.testing.assert_close(getattr(one_pass.layers[name], part), expected, rtol=1e-3,
-                                       atol=1e-4 * float(expected.abs().max()))  # fmt: skip
+                                       atol=1e-3 * float(expected.abs().max()))  # fmt: skip
     for a, b in zip(one_result.history, two_result.history, strict=True):
         assert a["forget_loss"] == pytest.approx(b["forget_loss"], rel=1e-4)
         assert a["remember_loss"] == pytest.approx(b["remember_loss"], rel=1e-4)
