@@ -108,24 +108,18 @@ def _ours(name, **overrides):
 #: candidate spells out every option it depends on, so its runs keep their meaning when the
 #: defaults change (a candidate equal to the defaults shares its records with ``ours``; the
 #: unused ratio of balance "none" is the value its records were made with).
+def _own(balance: str, ratio: float, label: str):
+    """Ours with the target's own forget noise, the min-SNR forget weight and the full remember
+    weight, under one gradient balance."""
+    return _ours(f"ours: own noise, min-SNR, {label}", forget_noise="own", own_noise_spread=0.3, forget_space="min_snr",
+                 remember_weight="full", balance=balance, balance_ratio=ratio)  # fmt: skip
+
+
 OURS_CANDIDATES = {
     "ours": _ours("ours"),
-    "ours_own_cap_0.1": _ours("ours: own noise, min-SNR, cap 0.1", forget_noise="own", own_noise_spread=0.3,
-                              forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=0.1),  # fmt: skip
-    "ours_own_cap_0.25": _ours("ours: own noise, min-SNR, cap 0.25", forget_noise="own", own_noise_spread=0.3,
-                               forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=0.25),  # fmt: skip
-    "ours_own_cap_0.5": _ours("ours: own noise, min-SNR, cap 0.5", forget_noise="own", own_noise_spread=0.3,
-                              forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=0.5),  # fmt: skip
-    "ours_own_cap_1": _ours("ours: own noise, min-SNR, cap 1", forget_noise="own", own_noise_spread=0.3,
-                            forget_space="min_snr", remember_weight="full", balance="cap", balance_ratio=1.0),  # fmt: skip
-    "ours_own_scale_0.25": _ours("ours: own noise, min-SNR, scale 0.25", forget_noise="own", own_noise_spread=0.3,
-                                 forget_space="min_snr", remember_weight="full", balance="scale", balance_ratio=0.25),  # fmt: skip
-    "ours_own_scale_0.5": _ours("ours: own noise, min-SNR, scale 0.5", forget_noise="own", own_noise_spread=0.3,
-                                forget_space="min_snr", remember_weight="full", balance="scale", balance_ratio=0.5),  # fmt: skip
-    "ours_own_scale_1": _ours("ours: own noise, min-SNR, scale 1", forget_noise="own", own_noise_spread=0.3,
-                              forget_space="min_snr", remember_weight="full", balance="scale", balance_ratio=1.0),  # fmt: skip
-    "ours_own": _ours("ours: own noise, min-SNR, no balance", forget_noise="own", own_noise_spread=0.3,
-                      forget_space="min_snr", remember_weight="full", balance="none", balance_ratio=0.5),  # fmt: skip
+    **{f"ours_own_cap_{ratio:g}": _own("cap", ratio, f"cap {ratio:g}") for ratio in (0.1, 0.25, 0.5, 1.0)},
+    **{f"ours_own_scale_{ratio:g}": _own("scale", ratio, f"scale {ratio:g}") for ratio in (0.25, 0.5, 1.0)},
+    "ours_own": _own("none", 0.5, "no balance"),
     "ours_x0": _ours("ours: fresh noise, x0, no balance", forget_noise="fresh", forget_space="x0", remember_weight="full",
                      balance="none", balance_ratio=0.5),  # fmt: skip
     "ours_paper": _ours("ours as the paper reads (fresh noise, native, 1 - lambda, no balance)", forget_noise="fresh",

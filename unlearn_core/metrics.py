@@ -48,6 +48,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def at_size(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) -> a batch of one at ``like``'s height and width (bilinear, antialiased), for
+    comparing a regeneration or a surrogate with its target."""
+    batch = image.float().unsqueeze(0)
+    if batch.shape[-2:] != like.shape[-2:]:
+        batch = F.interpolate(batch, size=like.shape[-2:], mode="bilinear", antialias=True).clamp(0, 1)
+    return batch
+
+
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """Model space [-1, 1] -> [0, 1]."""
     return ((images.float() + 1) / 2).clamp(0, 1)

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .metrics import (
     SAME_OUTPUT_SSIM,
     CopyDetector,
     Unavailable,
+    at_size,
     copy_similarity,
     frechet_distance,
     judge_forgetting,
@@ -253,20 +253,12 @@ def evaluate(
     return check_preservation(targets, preserve, detector, Thresholds(forget_threshold, 0.0), lpips_model).evaluation
 
 
-def _at_size(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) -> a batch of one at ``like``'s size."""
-    batch = image.float().unsqueeze(0)
-    if batch.shape[-2:] != like.shape[-2:]:
-        batch = F.interpolate(batch, size=like.shape[-2:], mode="bilinear", antialias=True).clamp(0, 1)
-    return batch
-
-
 def _target_row(target: TargetImages, detector: CopyDetector, thresholds: Thresholds, semantic) -> dict:
     row = {"target": target.id, "seed": target.seed, "measure": detector.name}
     if target.base is None or target.unlearned is None:
         return {**row, "reproduced": False, "forgotten": None, "note": f"cannot verify forgetting: {target.not_regenerated}"}
     reference = target.image.float().unsqueeze(0)
-    base, unlearned = _at_size(target.base, reference), _at_size(target.unlearned, reference)
+    base, unlearned = at_size(target.base, reference), at_size(target.unlearned, reference)
     reproduction = float(ssim(base, reference))
     similarity = float(copy_similarity(detector, unlearned, reference))
     verdict = judge_forgetting(reproduction, similarity, thresholds.forget_below, thresholds.same_output_ssim,

@@ -19,11 +19,10 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .masks import checked_mask
-from .metrics import ssim
+from .metrics import at_size, ssim
 from .sampling import Sampler
 
 __all__ = ["SURROGATE_KINDS", "SAMPLED_KINDS", "build_surrogate", "flipped", "noised", "surrogate_similarity"]
@@ -91,7 +90,4 @@ def noised(target: torch.Tensor, std: float = 0.1, seed: int = 0) -> torch.Tenso
 
 def surrogate_similarity(target: torch.Tensor, surrogate: torch.Tensor) -> float:
     """SSIM of two images (3, H, W) in [0, 1]; the surrogate is resized to the target to compare."""
-    surrogate = surrogate.float().unsqueeze(0)
-    if surrogate.shape[-2:] != target.shape[-2:]:
-        surrogate = F.interpolate(surrogate, size=target.shape[-2:], mode="bilinear", antialias=True)
-    return float(ssim(target.float().unsqueeze(0), surrogate.clamp(0, 1)))
+    return float(ssim(target.float().unsqueeze(0), at_size(surrogate, target).clamp(0, 1)))
