@@ -24,9 +24,14 @@ The rule, written once:
    the setup's ``sweep_steps`` sampler steps (shapes: 25 of its 50; flags: its 20, already few,
    at which its 0.9 threshold was set). The grid grows by a factor of 3 past an edge while a
    setting's best rate sits on it.
-3. Choice: among a setting's rates that forget all three sweep targets, the best mean SSIM; if
-   none does, the lowest mean copy similarity. A method's setting (SISS scale, EraseDiff eta and
-   noise, ours' candidates) is chosen by the same rule over its settings at their chosen rates.
+3. Choice: among a setting's rates that forget all three sweep targets *with a margin* (the
+   next lower rate of the grid forgets all three too), the best mean SSIM; if none does, the
+   lowest mean copy similarity. The margin is there because the lowest rate that forgets the
+   sweep targets sits on the edge of forgetting and does not carry to other targets and training
+   seeds (measured: ours at that rate forgot 3 of 3 sweep targets but 6 of 8 table runs on
+   flags); the grid grows downwards while its lowest rate forgets all. A method's setting (SISS
+   scale, EraseDiff eta and noise, ours' candidates) is chosen by the plain rule (forget all,
+   then the best SSIM) over its settings at their chosen rates.
 4. Main rows (``--stage main``): each method's chosen setting and rate on the table targets,
    training seeds 0 and 1 (mean and spread). Ablations (``--stage ablations``): ours with one
    option changed, at ours' rate, seed 0.
@@ -72,6 +77,7 @@ from unlearn_core.metrics import PixelCopyDetector, copy_similarity, load_lpips,
 from unlearn_core.preserve import evaluate
 from unlearn_core.sampling import DenoiserSampler, sample, seeded_noise, slerp
 from unlearn_core.surrogate import build_surrogate
+from unlearn_core.trainer import compute_dtype
 
 log = logging.getLogger("effectiveness")
 
@@ -229,24 +235,26 @@ class ShapesSetup(Setup):
 
 
 SDEDIT_STRENGTHS = (0.6, 0.7, 0.8, 0.9, 1.0)
+SURROGATE_SEEDS = (1, 2, 3, 4, 5)  # the edit surrogate's noise seeds, tried in this order
 
 
-def make_surrogate(setup, kind, target, label):
+def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
     """The edit surrogate: flags inpaint their outer bands under the prompt, as the demo does
     (SDEdit keeps a wrong tricolour's colours even at strength 0.9); shapes use the mildest SDEdit
     strength of SDEDIT_STRENGTHS whose result the copy detector does not call a copy of the
     target. A surrogate that is still a copy cannot be forgotten towards: at 0.6 four of the nine
-    shapes targets' edits are copies (similarity 0.82 to 0.999), and one stays a copy up to 0.9."""
+    shapes targets' edits are copies (similarity 0.82 to 0.999), and one stays a copy up to 0.9.
+    ``seed`` is the edit's noise (:meth:`Bench.edit_seed` chooses it)."""
     if kind in ("flip", "noise"):
-        return build_surrogate(kind, target, seed=1).clamp(-1, 1)
+        return build_surrogate(kind, target, seed=seed).clamp(-1, 1)
     sampler = DenoiserSampler(DiffusersDenoiser(setup.model, setup.process), setup.process, setup.steps_sample, setup.clip)
     if setup.name == "flags":
         mask = demo_model.outer_bands_mask(*target.shape[-2:])
-        return build_surrogate("inpaint", target, sampler=sampler, prompt=setup.cond([label]), strength=1.0, seed=1,
+        return build_surrogate("inpaint", target, sampler=sampler, prompt=setup.cond([label]), strength=1.0, seed=seed,
                                mask=mask).clamp(-1, 1)  # fmt: skip
     for strength in SDEDIT_STRENGTHS:
         surrogate = build_surrogate("sdedit", target, sampler=sampler, prompt=setup.cond([label]), strength=strength,
-                                    seed=1).clamp(-1, 1)  # fmt: skip
+                                    seed=seed).clamp(-1, 1)  # fmt: skip
         similarity = float(copy_similarity(setup.detector, to_unit(surrogate), to_unit(target))[0])
         if similarity < FORGET_THRESHOLD[setup.name]:
             break
@@ -286,6 +294,32 @@ class Bench:
         self.setup.steps_sample = steps
         return self.cache[key]
 
+    def edit_seed(self, pair) -> int:
+        """The edit surrogate's seed by the rule: the first of SURROGATE_SEEDS that is not the
+        target's own seed (SDEdit at strength 1 from the target's own noise samples the target
+        again) and whose surrogate the copy detector does not call a copy (shapes' seed-1 target:
+        0.9999 from its own seed, 0.658 from seed 2 at strength 1). Found once per target and
+        kept beside the records, so that the report reads it without sampling."""
+        path = self.records_path.with_name(f"{self.setup.name}_surrogate_seeds.json")
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        name = f"{pair[0]},{pair[1]}"
+        if name not in saved:
+            label, target_seed = pair
+            steps = self.setup.steps_sample
+            target = self._data(tuple(pair), self.final_steps)["target"]
+            for seed in [s for s in SURROGATE_SEEDS if s != target_seed]:
+                surrogate = make_surrogate(self.setup, "edit", target, label, seed)
+                similarity = float(copy_similarity(self.setup.detector, to_unit(surrogate), to_unit(target))[0])
+                if similarity < FORGET_THRESHOLD[self.setup.name]:
+                    break
+                log.warning("%s %s: the surrogate from seed %d is a copy (%.3f); trying the next seed", self.setup.name, pair, seed,
+                            similarity)  # fmt: skip
+            self.setup.steps_sample = steps
+            self._data(tuple(pair), self.final_steps)["surrogates"]["edit"] = surrogate  # built once
+            saved[name] = seed
+            write_json(path, saved)
+        return saved[name]
+
     def config(self, setting: Setting, lr: float, seed: int) -> UnlearnConfig:
         return replace(self.base, method=setting.objective, learning_rate=lr, seed=seed, **dict(setting.overrides))
 
@@ -295,10 +329,16 @@ class Bench:
         config = self.config(setting, lr, seed).to_dict()
         unused = OURS_ONLY if setting.objective != "surrogate" else BASELINE_ONLY
         config = {k: v for k, v in config.items() if k not in unused}  # options the method ignores
+        # what a run computed in, as runs recorded it before "auto" and the optimizer option existed
+        config["dtype"] = str(compute_dtype(config["dtype"], next(self.setup.model.parameters()).device)).removeprefix("torch.")
+        if config.get("optimizer") == "adamw":
+            config.pop("optimizer")
         if config.get("forget_noise") == "fresh":  # fresh draws ignore the spread, and are what runs did before the option
             config.pop("forget_noise")
             config.pop("own_noise_spread")
         surrogate = [setting.surrogate, SDEDIT_STRENGTHS] if (setting.surrogate, self.setup.name) == ("edit", "shapes") else setting.surrogate
+        if setting.surrogate == "edit" and self.edit_seed(pair) != SURROGATE_SEEDS[0]:  # the seed joins the key only where it moved
+            surrogate = [surrogate, self.edit_seed(pair)]
         text = json.dumps([surrogate, config, list(pair), steps], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -312,7 +352,9 @@ class Bench:
         label, target_seed = pair
         kind = setting.surrogate
         if kind not in entry["surrogates"]:
-            entry["surrogates"][kind] = entry["target"] if kind == "none" else make_surrogate(self.setup, kind, entry["target"], label)
+            noise_seed = self.edit_seed(tuple(pair)) if kind == "edit" else SURROGATE_SEEDS[0]
+            entry["surrogates"][kind] = entry["target"] if kind == "none" else make_surrogate(self.setup, kind, entry["target"], label,
+                                                                                              noise_seed)  # fmt: skip
         config = self.config(setting, lr, seed)
         own_noise = seeded_noise([target_seed], tuple(entry["target"].shape[1:]))  # what sampled the target
         data = UnlearnData(ForgetTargets(entry["target"], entry["surrogates"][kind], self.setup.cond([label]), own_noise),
@@ -380,7 +422,8 @@ def trial(runs: list[dict]) -> dict:
 
 
 def best(trials: dict) -> object | None:
-    """The rule: among entries that forget all, the best SSIM; else the lowest copy similarity."""
+    """Point 3 for a method's setting: among entries that forget all, the best SSIM; else the
+    lowest copy similarity."""
     usable = {k: t for k, t in trials.items() if not t.get("diverged")}
     if not usable:
         return None
@@ -388,6 +431,17 @@ def best(trials: dict) -> object | None:
     if forgetting:
         return max(forgetting, key=lambda k: forgetting[k]["ssim"])
     return min(usable, key=lambda k: usable[k]["similarity"])
+
+
+def best_rate(trials: dict[float, dict]) -> float | None:
+    """Point 3 for a rate: among rates that forget all with a margin (the next lower tried rate
+    forgets all too), the best SSIM; else the lowest copy similarity."""
+    rates = sorted(r for r, t in trials.items() if not t.get("diverged"))
+    margin = {r: trials[r] for below, r in zip(rates, rates[1:]) if trials[below]["forgets_all"] and trials[r]["forgets_all"]}
+    if margin:
+        return max(margin, key=lambda r: margin[r]["ssim"])
+    usable = {r: trials[r] for r in rates}
+    return min(usable, key=lambda r: usable[r]["similarity"]) if usable else None
 
 
 def sweep(bench: Bench, name: str, sweep_targets, steps: int, train: bool = True) -> tuple[float, dict, bool]:
@@ -401,17 +455,18 @@ def sweep(bench: Bench, name: str, sweep_targets, steps: int, train: bool = True
         for lr in rates:
             if lr not in trials:
                 if not train and not all(bench.key(SETTINGS[name], lr, t, 0, steps) in bench.records for t in sweep_targets):
-                    chosen = best(trials)
+                    chosen = best_rate(trials)
                     return (rates[0] if chosen is None else chosen), trials, False
                 trials[lr] = trial([bench.run(name, lr, t, steps=steps) for t in sweep_targets])
-        chosen = best(trials)
+        chosen = best_rate(trials)
         if chosen is None:
             return rates[0], trials, True
         ordered = sorted(trials)
+        lowest = trials[ordered[0]]
         if chosen == ordered[-1] and chosen * 3 <= RATE_LIMITS[1] * 1.0001:
             rates.append(round(chosen * 3, 10))
-        elif chosen == ordered[0] and chosen / 3 >= RATE_LIMITS[0]:
-            rates.append(round(chosen / 3, 10))
+        elif (chosen == ordered[0] or lowest.get("forgets_all")) and ordered[0] / 3 >= RATE_LIMITS[0]:
+            rates.append(round(ordered[0] / 3, 10))
         else:
             return chosen, trials, True
 

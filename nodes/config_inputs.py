@@ -45,6 +45,7 @@ ADDED = {
     "siss_scale": "siss_scale",
     "forget_noise": "forget_noise",
     "own_noise_spread": "own_noise_spread",
+    "optimizer": "optimizer",
 }
 FIELDS = {**FIRST, **ADDED}
 

@@ -13,7 +13,11 @@ How training stays off the user's cached model (COMFYUI.md):
   a *non-inference alias of the same storage*: no bytes are copied and nothing can write
   through it, because the aliases never require grad and the optimizer only sees LoRA tensors;
 - on exit (success, error or cancel) the clone is unloaded and every module's wrapper list is
-  emptied, so the next use of the base model loads it exactly as before.
+  emptied, so the next use of the base model loads it exactly as before;
+- a model under ComfyUI's dynamic VRAM (``ModelPatcherDynamic``, 0.33 on a GPU) streams each
+  weight onto the GPU for one op and drops it, which a backward pass cannot use: training runs
+  on its non-dynamic delegate instead (the same file loaded again by ComfyUI, what ComfyUI itself
+  does for hooks and torch.compile), released after training.
 """
 
 from __future__ import annotations
@@ -259,6 +263,38 @@ def lora_training_clone(
     """
     model_family(patcher)
     targets = lora_target_names(patcher, rank, target_modules)
+    with non_dynamic(patcher) as source, _loaded_lora_clone(source, targets, rank, alpha, seed) as trained:
+        yield trained
+
+
+def is_dynamic(patcher) -> bool:
+    """Whether ComfyUI loads this model with dynamic VRAM (0.3.x has no such patcher)."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+@contextlib.contextmanager
+def non_dynamic(patcher) -> Iterator[object]:
+    """``patcher`` itself, or for a dynamic-VRAM patcher ComfyUI's non-dynamic delegate of it (with
+    the same patches), which is forgotten again on exit so that its copy of the weights is freed."""
+    if not is_dynamic(patcher):
+        yield patcher
+        return
+    kept = patcher.non_dynamic_delegate_model
+    log.info("dynamic VRAM model: training on ComfyUI's non-dynamic copy of it (its file loaded again)")
+    try:
+        delegate = patcher.get_non_dynamic_delegate()
+    except RuntimeError as error:  # a custom loader that registered no way to load the file again
+        raise InputError(f"this model's loader cannot give ComfyUI's non-dynamic copy that training needs ({error}); "
+                         "load it with Load Checkpoint or Load Diffusion Model, or start ComfyUI with "
+                         "--disable-dynamic-vram") from error  # fmt: skip
+    try:
+        yield delegate
+    finally:
+        patcher.non_dynamic_delegate_model = kept
+
+
+@contextlib.contextmanager
+def _loaded_lora_clone(patcher, targets: set[str], rank: int, alpha: float, seed: int):
     clone = patcher.clone()
     adapters: dict[str, torch.nn.Module] = {}
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):

@@ -142,7 +142,7 @@ CONFIG_TABLE = [
     ("steps", -5, "steps=-5", r"whole number in \[1, "),
     ("steps", 2.5, "steps=2.5", "must be a whole number"),
     ("steps", True, "steps=True", "must be a whole number"),
-    *[("learning_rate", value, rf"learning_rate={value} must lie in \(0, 0.1\]", "LoRA unlearning uses about 1e-5 to 1e-3")
+    *[("learning_rate", value, rf"learning_rate={value} must lie in \(0, 0.1\]", "LoRA unlearning uses about 1e-4 to 1e-2")
       for value in (5.0, float("nan"), float("inf"), -1e-4, 0.0)],
     ("lora_rank", 0, "lora_rank=0", r"whole number in \[1, 1024\]"),
     ("lora_rank", 10**6, "lora_rank=1000000", r"whole number in \[1, 1024\]"),
@@ -296,7 +296,7 @@ RUN_CASES = [
     Case("unknown job key", {"confg": {}}, r"unknown job keys \['confg'\]", "known: "),
     Case("config is not an object", {"config": [1]}, "'config' must be a JSON object", "JSON object"),
     Case("zero steps", {"config__steps": 0}, "steps=0", r"whole number in \[1, "),
-    Case("absurd learning rate", {"config__learning_rate": 10}, "learning_rate=10", "about 1e-5 to 1e-3"),
+    Case("absurd learning rate", {"config__learning_rate": 10}, "learning_rate=10", "about 1e-4 to 1e-2"),
     Case("unknown config key", {"config__stpes": 3}, "unknown config keys: stpes", "known: "),
     Case("rank larger than the layer", {"config__lora_rank": 64}, "larger than layer", "lower lora_rank"),
     *[Case(f"output name {name!r}", {"output": name}, *BAD_NAME)

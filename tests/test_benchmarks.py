@@ -47,13 +47,33 @@ def test_weight_profile_writes_both_halves_per_noise_level(tmp_path):
 
 def test_effectiveness_rule_chooses_sweep_rates_and_defaults_as_written():
     bench = load_benchmark("effectiveness")
-    # point 3: among rates that forget every sweep target, the best SSIM; else the lowest similarity
+    # point 3, a setting: among entries that forget every sweep target, the best SSIM; else the
+    # lowest similarity
     trials = {1e-3: {"forgets_all": False, "ssim": 0.99, "similarity": 0.95},
               3e-3: {"forgets_all": True, "ssim": 0.80, "similarity": 0.5},
               1e-2: {"forgets_all": True, "ssim": 0.70, "similarity": 0.2}}  # fmt: skip
     assert bench.best(trials) == 3e-3
     assert bench.best({k: {**t, "forgets_all": False} for k, t in trials.items()}) == 1e-2
     assert bench.best({1e-3: {"diverged": True}}) is None
+    # point 3, a rate: the lowest forgetting rate has no margin, so the next one up is chosen
+    assert bench.best_rate(trials) == 1e-2
+    assert bench.best_rate({**trials, 3e-2: {"forgets_all": True, "ssim": 0.9, "similarity": 0.1}}) == 3e-2
+    assert bench.best_rate({k: {**t, "forgets_all": False} for k, t in trials.items()}) == 1e-2
+    assert bench.best_rate({1e-3: {"diverged": True}}) is None
+
+
+def test_effectiveness_sweep_grows_the_grid_down_while_its_lowest_rate_forgets(monkeypatch):
+    bench = load_benchmark("effectiveness")
+    ran = []
+
+    def fake_run(name, lr, target, steps):  # forgets from 1e-4 up; SSIM falls with the rate
+        ran.append(lr)
+        return {"forgotten": lr >= 1e-4 * 0.999, "ssim": 1 - lr, "copy_similarity": 0.5, "psnr": 30.0, "frechet": 0.1}
+
+    fake = type("FakeBench", (), {"run": staticmethod(fake_run)})()
+    rate, trials, complete = bench.sweep(fake, "ours", [(0, 1)], steps=5)
+    assert complete and sorted(trials)[0] < 1e-4  # went below the lowest forgetting rate to find its edge
+    assert math.isclose(rate, 3e-4)  # 1e-4 forgets but nothing below it does: the next rate up
 
     # point 5: forget on both models first, then the smallest shortfall on the worse model
     def table(per_name):
@@ -89,3 +109,42 @@ def test_gpu_size_benchmark_runs_at_the_tiny_size_on_the_cpu(speed, tmp_path, ca
     }, rows
     assert all(r["batch"] == 2 and math.isfinite(r["seconds_per_step"]) and r["peak_mb"] is None for r in rows)
     assert "| tiny | ours (diffusers) | on | 2 |" in capsys.readouterr().out
+
+
+def test_memory_estimate_counts_on_the_meta_device_what_a_real_forward_pass_saves(speed, tmp_path):
+    load_benchmark("gpu_size")  # memory_estimate imports it (and it speed), as beside them in benchmarks/
+    estimate = load_benchmark("memory_estimate")
+    tiny = estimate.SIZES["tiny"]
+    for checkpointing in (False, True):
+        meta = estimate.count(tiny, 2, checkpointing, device="meta")
+        real = estimate.count(tiny, 2, checkpointing, device="cpu")
+        assert meta["parameters"] == real["parameters"] and meta["lora_parameters"] == real["lora_parameters"]
+        # within 1%: a few small tensors (hundreds of bytes) are laid out differently on the meta device
+        assert real["saved_bytes"] > 0 and math.isclose(meta["saved_bytes"], real["saved_bytes"], rel_tol=0.01), (meta, real)
+    # checkpointing keeps only block inputs; twice the batch saves twice the activations
+    assert estimate.count(tiny, 2, True)["saved_bytes"] < estimate.count(tiny, 2, False)["saved_bytes"]
+    assert estimate.count(tiny, 4, False)["saved_bytes"] == 2 * estimate.count(tiny, 2, False)["saved_bytes"]
+    out = tmp_path / "memory.json"
+    assert estimate.main(["--sizes", "tiny", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["kind"].startswith("estimate") and set(written["fits"]) == {"12 GB", "16 GB", "24 GB", "80 GB"}
+
+
+def test_effectiveness_run_keys_move_only_with_what_changes_a_run(tmp_path):
+    """A record is found again by its key: "auto" on the CPU is float32 and AdamW is what every
+    run used before the option, so neither moves a key; a different dtype or optimizer does."""
+    from dataclasses import replace
+
+    import torch
+
+    bench = load_benchmark("effectiveness")
+    setup = type("Setup", (), {"name": "shapes", "model": torch.nn.Linear(1, 1)})()
+    runs = bench.Bench(setup, tmp_path, UnlearnConfig(steps=5), 5, None)
+    neggrad = bench.SETTINGS["neggrad"]  # no surrogate: the key needs no sampling
+
+    def key(**options):
+        runs.base = replace(UnlearnConfig(steps=5), **options)
+        return runs.key(neggrad, 1e-3, (0, 3), 0, 5)
+
+    assert key() == key(dtype="float32") == key(optimizer="adamw")
+    assert len({key(), key(dtype="bfloat16"), key(optimizer="adamw_8bit"), key(steps=6)}) == 4

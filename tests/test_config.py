@@ -87,7 +87,7 @@ def test_choices_accept_each_listed_value_and_name_them_when_refusing(name):
 
 def test_refusals_say_what_to_give_instead():
     cases = {
-        ("learning_rate", 0.0): "learning_rate=0.0 must lie in (0, 0.1]; LoRA unlearning uses about 1e-5 to 1e-3",
+        ("learning_rate", 0.0): "learning_rate=0.0 must lie in (0, 0.1]; LoRA unlearning uses about 1e-4 to 1e-2",
         ("gamma", 21.0): "gamma=21.0 must lie in [0, 20]; 1 to 4 is the useful range",
         ("grad_clip", -1.0): "grad_clip=-1.0 must be positive, or None to disable clipping",
         ("lora_alpha", 0.0): "lora_alpha=0.0 must be positive, or None for alpha = rank",

@@ -18,9 +18,10 @@ from .objectives import OBJECTIVES, EraseDiff
 from .surgery import BALANCE_MODES, SURGERY_MODES
 from .weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS, LossWeights, make_weighting
 
-__all__ = ["UnlearnConfig", "Option", "options", "DTYPES", "ADAPTERS", "FORGET_NOISES"]
+__all__ = ["UnlearnConfig", "Option", "options", "DTYPES", "ADAPTERS", "FORGET_NOISES", "OPTIMIZERS"]
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 FORGET_NOISES = ("own", "fresh")
 ADAPTERS = ("lora", "full")
 
@@ -107,7 +108,7 @@ class UnlearnConfig:
     steps: int = _help("optimizer steps; the paper used 100 for SD3 (LoRA)",
                        low=1, high=1_000_000, hint="zero steps would train nothing", default=100)  # fmt: skip
     learning_rate: float = _help("AdamW learning rate", low=0, low_open=True, high=0.1, step=1e-5, round=1e-7,
-                                 hint="LoRA unlearning uses about 1e-5 to 1e-3", default=3e-4)  # fmt: skip
+                                 hint="LoRA unlearning uses about 1e-4 to 1e-2", default=3e-3)  # fmt: skip
     adapter: str = _help("lora (a small file, base untouched) or full (fine-tune a copy)",
                          choices=ADAPTERS, default="lora")  # fmt: skip
     lora_rank: int = _help("LoRA rank r", low=1, high=1024, default=8)
@@ -150,8 +151,10 @@ class UnlearnConfig:
     seed: int = _help("seed for every random draw of training", low=0, high=2**64 - 1, default=0)
     grad_clip: float | None = _help("clip the update's global norm to this; None disables",
                                     low=0, low_open=True, step=0.1, none_means="to disable clipping", default=1.0)  # fmt: skip
-    dtype: str = _help("compute dtype: float32, bfloat16 or float16 (autocast)",
-                       choices=DTYPES, default="float32")  # fmt: skip
+    dtype: str = _help("compute dtype (autocast): auto (bfloat16 on a CUDA GPU that has it, else float32), "
+                       "float32, bfloat16 or float16", choices=DTYPES, default="auto")  # fmt: skip
+    optimizer: str = _help("adamw, or adamw_8bit (bitsandbytes' 8-bit AdamW: its state in a quarter of the memory; "
+                           "needs pip install bitsandbytes)", choices=OPTIMIZERS, default="adamw")  # fmt: skip
     gradient_checkpointing: bool = _help("trade compute for memory on large models", default=False)
     erasediff_eta: float = _help("EraseDiff baseline: eta of the first-order update", low=0, step=0.1, default=1.0)
     erasediff_noise: str = _help("EraseDiff baseline: the unrelated target noise, gaussian or uniform (its paper)",
