@@ -148,3 +148,33 @@ def test_effectiveness_run_keys_move_only_with_what_changes_a_run(tmp_path):
 
     assert key() == key(dtype="float32") == key(optimizer="adamw")
     assert len({key(), key(dtype="bfloat16"), key(optimizer="adamw_8bit"), key(steps=6)}) == 4
+
+
+def test_adaptive_balance_controllers_set_the_cap_as_written():
+    """The two controllers the adaptive benchmark measures: ``regenerate`` doubles the cap ratio
+    at a check where the regenerated target has not moved, and holds it once it has; ``progress``
+    leaves the forget gradient unbounded until the prediction has moved towards the surrogate."""
+    import torch
+
+    load_benchmark("effectiveness")
+    adaptive = load_benchmark("adaptive_balance")
+    from unlearn_core.process import RectifiedFlow
+    from unlearn_core.trainer import make_objective
+
+    base = make_objective(UnlearnConfig(surgery="none"), RectifiedFlow())
+    forget, remember = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
+    moved = iter([0.0, 0.1, 0.9, 0.2])  # checks at steps 1, 11, 21, 31
+    regenerate = adaptive.Controlled(base, "regenerate", {"rho0": 0.1, "every": 10, "moved": 0.5}, lambda: next(moved))
+    ratios = []
+    for _ in range(31):
+        update, stats = regenerate.combine(forget, remember)
+        ratios.append(stats["forget_scale"] * 3.0)  # the capped forget norm over ||g_r|| = 1
+    assert ratios[0] == pytest.approx(0.1) and ratios[10] == pytest.approx(0.2)
+    assert ratios[20] == pytest.approx(0.2) and ratios[30] == pytest.approx(0.4)
+    assert update.tolist() == pytest.approx([0.4, 1.0])
+
+    progress = adaptive.Controlled(base, "progress", {"start": 0.75, "ratio": 0.1, "smoothing": 0.0}, None)
+    progress.progress = 0.5
+    assert progress.combine(forget, remember)[0].tolist() == [3.0, 1.0]  # not yet: unbounded
+    progress.progress = 0.8
+    assert progress.combine(forget, remember)[0].tolist() == pytest.approx([0.1, 1.0])  # held at 0.1 ||g_r||

@@ -22,7 +22,7 @@ halves' x0 errors behave differently:
   :math:`\lambda(t)\,w(t)`, which for flow goes like :math:`s^{\gamma - 2}`: forgetting would act
   mostly at LOW noise, the opposite of the paper's idea.
 
-``forget_space="x0"`` (the default) therefore puts :math:`\lambda(t)` on the forget half's x0
+``forget_space="x0"`` therefore puts :math:`\lambda(t)` on the forget half's x0
 error itself, so :math:`\lambda(t)` *is* the forget term's effective weight over t and rises
 with noise; ``"native"`` keeps :math:`\lambda(t)\,w(t)` (the paper's loss read literally) for the
 ablation. The remember half keeps its native weight times :math:`1 - \lambda(t)`
@@ -41,7 +41,8 @@ gradient swamps everything else. ``"min_snr"`` weights the forget x0 error by
 weighting with :math:`\gamma = 1` (Hang et al., 2023) under :math:`\lambda(t)`. It is
 :math:`\lambda(t)` wherever the signal still dominates (flow: s <= 1/2) and falls to 0 as the
 input becomes pure noise, so the forget term acts at middle noise, where an instance is still
-told apart from its neighbours.
+told apart from its neighbours. It is UnlearnConfig's default (chosen by the fair benchmark's
+rule, ``benchmarks/effectiveness.py``).
 """
 
 from __future__ import annotations
