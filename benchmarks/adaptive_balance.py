@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -84,7 +83,7 @@ class Controlled(SurrogateUnlearning):
     """Ours with the forget gradient capped at a ratio the controller sets before each combine."""
 
     def __init__(self, base: SurrogateUnlearning, controller: str, params: dict, sampler):
-        self.__dict__.update(base.__dict__)
+        self.__dict__.update(base.__dict__)  # ours exactly as the trainer built it from the config
         self.controller, self.params, self.sampler = controller, params, sampler
         self.step, self.progress = 0, None
         self.ratio = params.get("rho0")
@@ -94,8 +93,7 @@ class Controlled(SurrogateUnlearning):
         if self.controller != "progress":
             return half
         targets, surrogates, _, _, t = self._forget_batch(data, plan)
-        alpha, sigma = self.process.scales(t)
-        weights = self.weights.forget(t, self.process.x0_loss_weight(t), (alpha / sigma) ** 2)
+        weights = self.forget_weights(t)
         score = half.score
 
         def tracked(x0_hat):
@@ -189,13 +187,10 @@ def main(argv=None) -> int:
         _, sweep_targets = targets_for(setup, None, DEFAULT_TARGETS[model_name])
         steps = setup.sweep_steps
         fixed = Bench(setup, RESULTS / "effectiveness", base, setup.steps_sample, lpips_model)
-        seeds = json.loads(
-            (RESULTS / "effectiveness" / f"{model_name}_surrogate_seeds.json").read_text()
-        )
         rows = {}
         for variant in args.variants:
             bench = Bench(setup, args.records / variant, base, setup.steps_sample, lpips_model)
-            bench.edit_seeds = seeds  # the surrogates of the effectiveness runs
+            bench.edit_seed = fixed.edit_seed  # the effectiveness runs' surrogates, by its rule
             for lr in VARIANTS[variant][2][model_name]:
                 with _controlled(variant, steps, setup.clip):
                     runs = [bench.run("ours", lr, pair, steps=steps) for pair in sweep_targets]

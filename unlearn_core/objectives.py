@@ -196,12 +196,16 @@ class SurrogateUnlearning(Objective):
             plan.forget_noise = slerp(own, plan.forget_noise, weight)
         return plan
 
+    def forget_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """The per-sample weights of the forget half's x0 error at noise fractions t."""
+        alpha, sigma = self.process.scales(t)
+        return self.weights.forget(t, self.process.x0_loss_weight(t), (alpha / sigma) ** 2)
+
     def forget_half(self, data, plan):
         targets, surrogates, cond, noise, t = self._forget_batch(data, plan)
         native = self.process.x0_loss_weight(t)
-        alpha, sigma = self.process.scales(t)
-        weights = self.weights.forget(t, native, (alpha / sigma) ** 2)
-        return HalfBatch(self.process.add_noise(targets, noise, t), t, cond, _weighted(surrogates, native, weights))
+        return HalfBatch(self.process.add_noise(targets, noise, t), t, cond,
+                         _weighted(surrogates, native, self.forget_weights(t)))  # fmt: skip
 
     def remember_half(self, data, plan):
         return self._remember_half(data, plan, self.weights.remember)
