@@ -21,16 +21,25 @@ its sweep protocol (100 steps, rank 8, batch 4 + 4, the sweep's sampler steps, t
 at the rates where the fixed settings did best. The fixed settings' rows at the same rates are
 read from the effectiveness records, so both sides are judged alike.
 
-Every finished run is one JSON line in ``benchmarks/results/adaptive_balance/<variant>/<model>.jsonl``
-(a rerun skips it); the summary is ``benchmarks/results/adaptive_balance.json``.
+The table stage then takes the promising sweep rows to the table targets with the main rows'
+protocol (training seeds 0 and 1, robust forgetting), beside the effectiveness benchmark's main
+rows of ours and SISS read from its records: the sweep's three targets are too few to call a gap
+of 0.003 SSIM. On flags these are the controllers' rows that forgot all three above ours' SSIM
+and the fixed cap 0.1 at SISS 0.1's chosen rate; on shapes, the controller that came nearest to
+ours there.
 
-    python benchmarks/adaptive_balance.py --threads 1     # about 20 minutes on 2 cores
+Every finished run is one JSON line in ``benchmarks/results/adaptive_balance/<variant>/<model>.jsonl``
+(the fixed setting's in ``.../fixed/``; a rerun skips it); the summary is
+``benchmarks/results/adaptive_balance.json``.
+
+    python benchmarks/adaptive_balance.py --threads 1     # about 40 minutes on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -40,11 +49,14 @@ from effectiveness import (
     DEFAULT_TARGETS,
     RESULTS,
     SETTINGS,
+    TRAIN_SEEDS,
     Bench,
     FlagsSetup,
     ShapesSetup,
     UnlearnConfig,
     load_lpips,
+    seed_spread,
+    summarise,
     targets_for,
     trial,
     write_json,
@@ -77,6 +89,11 @@ VARIANTS = {
 }
 #: the fixed settings compared with, from the effectiveness records (same targets, rates, protocol)
 FIXED = ("ours", "ours_own_cap_0.1", "siss_0.1", "siss_0.5")
+#: model -> (variant or fixed setting, rate) taken to the table targets (the rule is in the docstring)
+TABLE_RUNS = {
+    "flags": (("regenerate_0.01", 3e-4), ("regenerate_0.1", 1e-3), ("ours_own_cap_0.1", 1e-3)),
+    "shapes": (("regenerate_0.1", 3e-3),),
+}
 
 
 class Controlled(SurrogateUnlearning):
@@ -165,6 +182,43 @@ def _controlled(variant: str, sample_steps: int, clip):
         )
 
 
+def table_rows(model_name: str, setup, targets, fixed: Bench, records: Path) -> dict:
+    """TABLE_RUNS on the table targets with the main rows' protocol, then the effectiveness
+    benchmark's main rows of ours and SISS (from its records, by the run keys it lists)."""
+    rows = {}
+    for name, lr in TABLE_RUNS.get(model_name, ()):
+        variant = name in VARIANTS
+        bench = Bench(setup, records / (name if variant else "fixed"), fixed.base, setup.steps_sample, fixed.lpips_model)
+        bench.edit_seed = fixed.edit_seed
+        with _controlled(name, setup.steps_sample, setup.clip) if variant else contextlib.nullcontext():
+            runs = [bench.run("ours" if variant else name, lr, t, seed, robust=True) for seed in TRAIN_SEEDS for t in targets]
+        rows[f"{name} @ {lr:g}"] = {"lr": lr, "summary": summarise(runs), "ssim_seed_spread": seed_spread(runs, "ssim")}
+    main_rows = json.loads((RESULTS / f"effectiveness_{model_name}.json").read_text())["main"]
+    for name, row in main_rows.items():
+        if name == "ours" or name.startswith("siss"):
+            runs = [fixed.records[key] for key in row["runs"]]
+            rows[f"{name} @ {row['learning_rate']:g} (main row)"] = {
+                "lr": row["learning_rate"],
+                "summary": summarise(runs),
+                "ssim_seed_spread": seed_spread(runs, "ssim"),
+            }
+    return rows
+
+
+def _print_table(model_name: str, rows: dict) -> None:
+    print(f"\n{model_name}, table targets, training seeds {TRAIN_SEEDS}:\n")
+    print("| run | forgotten | robustly forgotten | SSIM | PSNR dB | Fréchet | SSIM seed spread |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        s = row["summary"]
+        if s.get("ssim") is None:
+            print(f"| {name} | diverged | | | | | |")
+            continue
+        cells = [f"{s[k]['mean']:.{d}f} ± {s[k]['spread']:.{d}f}" for k, d in (("ssim", 3), ("psnr", 2), ("frechet", 2))]
+        print(f"| {name} | {s['forgotten_fraction']:.0%} | {s['robust_forgotten_fraction']:.0%} | {' | '.join(cells)} | "
+              f"{row['ssim_seed_spread']:.3f} |")  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -180,11 +234,11 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     base = UnlearnConfig(steps=100, lora_rank=8, forget_batch_size=4, remember_batch_size=4, seed=0)
     lpips_model = load_lpips()
-    out = {"date": time.strftime("%Y-%m-%d"), "protocol": "effectiveness.py sweep: 3 sweep targets, 100 steps, seed 0",
-           "variants": {name: {"controller": v[0], "params": v[1]} for name, v in VARIANTS.items()}, "models": {}}  # fmt: skip
+    out = {"date": time.strftime("%Y-%m-%d"), "protocol": "effectiveness.py sweep: 3 sweep targets, 100 steps, seed 0; table: its main rows' protocol",
+           "variants": {name: {"controller": v[0], "params": v[1]} for name, v in VARIANTS.items()}, "models": {}, "table": {}}  # fmt: skip
     for model_name in args.models:
         setup = FlagsSetup() if model_name == "flags" else ShapesSetup()
-        _, sweep_targets = targets_for(setup, None, DEFAULT_TARGETS[model_name])
+        targets, sweep_targets = targets_for(setup, None, DEFAULT_TARGETS[model_name])
         steps = setup.sweep_steps
         fixed = Bench(setup, RESULTS / "effectiveness", base, setup.steps_sample, lpips_model)
         rows = {}
@@ -215,6 +269,8 @@ def main(argv=None) -> int:
                 continue
             print(f"| {name} | {'yes' if row['forgets_all'] else 'no'} | {row['similarity']:.3f} | {row['ssim']:.3f} | "
                   f"{row['psnr']:.2f} | {row['frechet']:.2f} |")  # fmt: skip
+        out["table"][model_name] = table_rows(model_name, setup, targets, fixed, args.records)
+        _print_table(model_name, out["table"][model_name])
     write_json(args.json, out)
     print(f"\nwrote {args.json}")
     return 0

@@ -178,3 +178,27 @@ def test_adaptive_balance_controllers_set_the_cap_as_written():
     assert progress.combine(forget, remember)[0].tolist() == [3.0, 1.0]  # not yet: unbounded
     progress.progress = 0.8
     assert progress.combine(forget, remember)[0].tolist() == pytest.approx([0.1, 1.0])  # held at 0.1 ||g_r||
+
+
+def test_adaptive_balance_table_reads_the_main_rows_by_their_run_keys(tmp_path, monkeypatch):
+    """The table's rows of ours and SISS are the effectiveness benchmark's own runs, found by the
+    keys its report lists; other methods' main rows stay out."""
+    import json
+    from types import SimpleNamespace
+
+    load_benchmark("effectiveness")
+    adaptive = load_benchmark("adaptive_balance")
+    monkeypatch.setattr(adaptive, "RESULTS", tmp_path)
+
+    def run(seed, ssim):
+        return {"seed": seed, "forgotten": ssim > 0.5, "robust": {"forgotten": True}, "ssim": ssim}
+
+    records = {"a": run(0, 0.9), "b": run(1, 0.8), "c": run(0, 0.4), "d": run(0, 0.1)}
+    main = {"ours": {"learning_rate": 3e-3, "runs": ["a", "b"]}, "siss_0.1": {"learning_rate": 1e-3, "runs": ["c"]},
+            "neggrad": {"learning_rate": 3e-4, "runs": ["d"]}}  # fmt: skip
+    (tmp_path / "effectiveness_toy.json").write_text(json.dumps({"main": main}))
+    rows = adaptive.table_rows("toy", None, [], SimpleNamespace(records=records), tmp_path)
+    assert list(rows) == ["ours @ 0.003 (main row)", "siss_0.1 @ 0.001 (main row)"]
+    ours = rows["ours @ 0.003 (main row)"]
+    assert ours["summary"]["ssim"]["mean"] == pytest.approx(0.85) and ours["ssim_seed_spread"] == pytest.approx(0.05)
+    assert rows["siss_0.1 @ 0.001 (main row)"]["summary"]["forgotten_fraction"] == 0.0
