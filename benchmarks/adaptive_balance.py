@@ -55,8 +55,8 @@ from effectiveness import (
     ShapesSetup,
     UnlearnConfig,
     load_lpips,
-    seed_spread,
-    summarise,
+    main_row,
+    print_rows,
     targets_for,
     trial,
     write_json,
@@ -192,31 +192,13 @@ def table_rows(model_name: str, setup, targets, fixed: Bench, records: Path) -> 
         bench.edit_seed = fixed.edit_seed
         with _controlled(name, setup.steps_sample, setup.clip) if variant else contextlib.nullcontext():
             runs = [bench.run("ours" if variant else name, lr, t, seed, robust=True) for seed in TRAIN_SEEDS for t in targets]
-        rows[f"{name} @ {lr:g}"] = {"lr": lr, "summary": summarise(runs), "ssim_seed_spread": seed_spread(runs, "ssim")}
+        rows[f"{name} @ {lr:g}"] = main_row(name if variant else SETTINGS[name].name, lr, runs)
     main_rows = json.loads((RESULTS / f"effectiveness_{model_name}.json").read_text())["main"]
     for name, row in main_rows.items():
         if name == "ours" or name.startswith("siss"):
             runs = [fixed.records[key] for key in row["runs"]]
-            rows[f"{name} @ {row['learning_rate']:g} (main row)"] = {
-                "lr": row["learning_rate"],
-                "summary": summarise(runs),
-                "ssim_seed_spread": seed_spread(runs, "ssim"),
-            }
+            rows[f"{name} @ {row['learning_rate']:g} (main row)"] = main_row(f"{row['name']} (main row)", row["learning_rate"], runs)
     return rows
-
-
-def _print_table(model_name: str, rows: dict) -> None:
-    print(f"\n{model_name}, table targets, training seeds {TRAIN_SEEDS}:\n")
-    print("| run | forgotten | robustly forgotten | SSIM | PSNR dB | Fréchet | SSIM seed spread |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        s = row["summary"]
-        if s.get("ssim") is None:
-            print(f"| {name} | diverged | | | | | |")
-            continue
-        cells = [f"{s[k]['mean']:.{d}f} ± {s[k]['spread']:.{d}f}" for k, d in (("ssim", 3), ("psnr", 2), ("frechet", 2))]
-        print(f"| {name} | {s['forgotten_fraction']:.0%} | {s['robust_forgotten_fraction']:.0%} | {' | '.join(cells)} | "
-              f"{row['ssim_seed_spread']:.3f} |")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -270,7 +252,8 @@ def main(argv=None) -> int:
             print(f"| {name} | {'yes' if row['forgets_all'] else 'no'} | {row['similarity']:.3f} | {row['ssim']:.3f} | "
                   f"{row['psnr']:.2f} | {row['frechet']:.2f} |")  # fmt: skip
         out["table"][model_name] = table_rows(model_name, setup, targets, fixed, args.records)
-        _print_table(model_name, out["table"][model_name])
+        print(f"\n{model_name}, table targets, training seeds {TRAIN_SEEDS}:\n")
+        print_rows(out["table"][model_name].values())
     write_json(args.json, out)
     print(f"\nwrote {args.json}")
     return 0

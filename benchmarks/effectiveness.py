@@ -493,6 +493,12 @@ def summarise(runs: list[dict]) -> dict:
             **{key: stat(key) for key in ("copy_similarity", "ssim", "psnr", "lpips", "frechet", "seconds")}}  # fmt: skip
 
 
+def main_row(name: str, lr: float, runs: list[dict]) -> dict:
+    """A main row: its runs' summary, how much the training seed moves it, and their record keys."""
+    return {"name": name, "learning_rate": lr, "summary": summarise(runs), "ssim_seed_spread": seed_spread(runs, "ssim"),
+            "runs": [r["key"] for r in runs]}  # fmt: skip
+
+
 def seed_spread(runs: list[dict], key: str) -> float | None:
     """Half the gap between the per-seed means: how much the training seed moves a row."""
     by_seed = {}
@@ -538,8 +544,7 @@ def run_model(setup, bench: Bench, stages: set[str], settings: list[str], target
     for name in main_names:
         if "main" in stages or _ran(bench, name, chosen_rates[name], targets, TRAIN_SEEDS):
             runs = [bench.run(name, chosen_rates[name], t, seed, robust=True) for seed in TRAIN_SEEDS for t in targets]
-            rows[name] = {"name": SETTINGS[name].name, "learning_rate": chosen_rates[name], "summary": summarise(runs),
-                          "ssim_seed_spread": seed_spread(runs, "ssim"), "runs": [r["key"] for r in runs]}  # fmt: skip
+            rows[name] = main_row(SETTINGS[name].name, chosen_rates[name], runs)
     ablations = {}
     if "ours" in chosen_rates:
         for name in [n for n in (*OURS_CANDIDATES, *ABLATIONS) if n != "ours" and n in settings]:
@@ -585,9 +590,14 @@ def print_tables(model_name: str, table: dict) -> None:
               f"{', '.join(entry['trials'])} |")  # fmt: skip
     print()
     print("Settings chosen per method:", table["choice"], "\n")
+    print_rows([*table["main"].values(), *table["ablations"].values()])
+
+
+def print_rows(entries) -> None:
+    """The table of main rows and ablations, one line per entry."""
     print("| method | lr | forgotten | robustly forgotten | copy sim. | SSIM | PSNR dB | LPIPS | Fréchet | SSIM seed spread |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for entry in [*table["main"].values(), *table["ablations"].values()]:
+    for entry in entries:
         s = entry["summary"]
         if "ssim" not in s:
             print(f"| {entry['name']} | {entry['learning_rate']:g} | diverged | | | | | | | |")

@@ -190,12 +190,12 @@ def test_adaptive_balance_table_reads_the_main_rows_by_their_run_keys(tmp_path, 
     adaptive = load_benchmark("adaptive_balance")
     monkeypatch.setattr(adaptive, "RESULTS", tmp_path)
 
-    def run(seed, ssim):
-        return {"seed": seed, "forgotten": ssim > 0.5, "robust": {"forgotten": True}, "ssim": ssim}
+    def run(key, seed, ssim):
+        return {"key": key, "seed": seed, "forgotten": ssim > 0.5, "robust": {"forgotten": True}, "ssim": ssim}
 
-    records = {"a": run(0, 0.9), "b": run(1, 0.8), "c": run(0, 0.4), "d": run(0, 0.1)}
-    main = {"ours": {"learning_rate": 3e-3, "runs": ["a", "b"]}, "siss_0.1": {"learning_rate": 1e-3, "runs": ["c"]},
-            "neggrad": {"learning_rate": 3e-4, "runs": ["d"]}}  # fmt: skip
+    records = {"a": run("a", 0, 0.9), "b": run("b", 1, 0.8), "c": run("c", 0, 0.4), "d": run("d", 0, 0.1)}
+    main = {name: {"name": name, "learning_rate": lr, "runs": keys}
+            for name, lr, keys in (("ours", 3e-3, ["a", "b"]), ("siss_0.1", 1e-3, ["c"]), ("neggrad", 3e-4, ["d"]))}  # fmt: skip
     (tmp_path / "effectiveness_toy.json").write_text(json.dumps({"main": main}))
     rows = adaptive.table_rows("toy", None, [], SimpleNamespace(records=records), tmp_path)
     assert list(rows) == ["ours @ 0.003 (main row)", "siss_0.1 @ 0.001 (main row)"]
