@@ -76,6 +76,7 @@ from unlearn_core.demo.run import find_undesired, generate
 from unlearn_core.metrics import PixelCopyDetector, copy_similarity, load_lpips, to_unit
 from unlearn_core.preserve import evaluate
 from unlearn_core.sampling import DenoiserSampler, sample, seeded_noise, slerp
+from unlearn_core.stopping import CheckSettings
 from unlearn_core.surrogate import build_surrogate
 from unlearn_core.trainer import compute_dtype
 
@@ -84,8 +85,8 @@ log = logging.getLogger("effectiveness")
 RESULTS = Path(__file__).resolve().parent / "results"
 LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
 RATE_LIMITS = (1e-5, 0.1)  # UnlearnConfig accepts (0, 0.1]
-FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6}
-DEFAULT_TARGETS = {"flags": 4, "shapes": 6}  # flags: see DemoSettings.forget_threshold
+FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6, "vshapes": 0.6}
+DEFAULT_TARGETS = {"flags": 4, "shapes": 6, "vshapes": 6}  # flags: see DemoSettings.forget_threshold
 SLERPS = (0.05, 0.1, 0.2)
 SWEEP_TARGETS = 3
 CANDIDATES = 12  # ranked targets kept from one scan (flags: 3000 samples, minutes)
@@ -93,6 +94,10 @@ TRAIN_SEEDS = (0, 1)
 OURS_ONLY = {"weighting", "gamma", "constant_lambda", "forget_space", "remember_weight", "balance", "balance_ratio", "surgery",
              "forget_noise", "own_noise_spread"}  # fmt: skip
 BASELINE_ONLY = {"erasediff_eta", "erasediff_noise", "siss_scale"}
+#: options that act only through the forgetting check (or, remember_target, that runs before it
+#: existed did not have): left out of the run keys of benches without the check
+VERIFICATION_ONLY = {"stop_when_forgotten", "check_every", "check_margin", "check_nearby", "rate_schedule", "raise_after",
+                     "raise_factor", "remember_target"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,7 @@ class Setup:
 
     name: str
     steps_sample = 20
+    check_steps: int | None = None  # sampler steps of the forgetting check (None: the run's own)
     clip: float | None = None  # x0 clamp while sampling (the small pixel DDPM needs it)
 
     def generate(self, pairs, lora=None):
@@ -215,6 +221,7 @@ class ShapesSetup(Setup):
     name = "shapes"
     steps_sample = 50
     sweep_steps = 25
+    check_steps = 25  # half: the check regenerates at every check_every steps (README: verified stopping)
     clip = 1.0
 
     def __init__(self):
@@ -232,6 +239,37 @@ class ShapesSetup(Setup):
 
     def integrity_pairs(self, target):
         return [(0, 50_000 + s) for s in range(64)]
+
+
+class VShapesSetup(ShapesSetup):
+    """The class-conditional v-prediction shapes DDPM of ``visible_models.py`` (a trained, not an
+    embedded, model): targets are seeds 0, 1, ... of the three classes in turn; the shapes model's
+    detector and threshold."""
+
+    name = "vshapes"
+
+    def __init__(self):
+        from visible_models import load_vshapes_model
+
+        self.model, self.process = load_vshapes_model()
+        self.detector = PixelCopyDetector(8)
+
+    def cond(self, labels):
+        from visible_models import vshapes_cond
+
+        return vshapes_cond(labels)
+
+    def candidates(self, count):
+        return [(seed % 3, seed) for seed in range(count)]
+
+    def remember_pairs(self, target_label):
+        return [(target_label, 10_000 + s) for s in range(24)] + [(c, 20_000 + s) for c in range(3) if c != target_label for s in range(12)]
+
+    def integrity_pairs(self, target):
+        return [(s % 3, 50_000 + s) for s in range(64)]
+
+
+SETUPS = {"flags": FlagsSetup, "shapes": ShapesSetup, "vshapes": VShapesSetup}
 
 
 def similarity_to(setup, image, target) -> float:
@@ -270,8 +308,9 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
 class Bench:
     """One model's runs: cached data per target, one record per finished run."""
 
-    def __init__(self, setup, records: Path, base: UnlearnConfig, sample_steps: int, lpips_model):
+    def __init__(self, setup, records: Path, base: UnlearnConfig, sample_steps: int, lpips_model, verified: bool = False):
         self.setup, self.base, self.lpips_model = setup, base, lpips_model
+        self.verified = verified  # runs get the forgetting check (verified stopping, the rate schedule)
         self.final_steps = sample_steps
         self.records_path = records / f"{setup.name}.jsonl"
         self.records = {}
@@ -337,6 +376,8 @@ class Bench:
         config = self.config(setting, lr, seed).to_dict()
         unused = OURS_ONLY if setting.objective != "surrogate" else BASELINE_ONLY
         config = {k: v for k, v in config.items() if k not in unused}  # options the method ignores
+        if not self.verified:  # no check: every step trains, as runs did before verified stopping existed
+            config = {k: v for k, v in config.items() if k not in VERIFICATION_ONLY or (k, v) == ("remember_target", "base")}
         # what a run computed in, as runs recorded it before "auto" and the optimizer option existed
         config["dtype"] = str(compute_dtype(config["dtype"], next(self.setup.model.parameters()).device)).removeprefix("torch.")
         if config.get("optimizer") == "adamw":
@@ -347,6 +388,8 @@ class Bench:
         surrogate = [setting.surrogate, SDEDIT_STRENGTHS] if (setting.surrogate, self.setup.name) == ("edit", "shapes") else setting.surrogate
         if setting.surrogate == "edit" and self.edit_seed(pair) != SURROGATE_SEEDS[0]:  # the seed joins the key only where it moved
             surrogate = [surrogate, self.edit_seed(pair)]
+        if self.verified and self.setup.check_steps not in (None, steps):  # the check's own sampler steps
+            config["check_sampler_steps"] = self.setup.check_steps
         text = json.dumps([surrogate, config, list(pair), steps], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -370,7 +413,7 @@ class Bench:
         record = {"key": key, "setting": name, "lr": lr, "target": list(pair), "seed": seed, "sample_steps": steps}
         started = time.perf_counter()
         try:
-            result = unlearn_diffusers(self.setup.model, self.setup.process, data, config)
+            result = unlearn_diffusers(self.setup.model, self.setup.process, data, config, check=self.check_settings(steps))
         except Exception as error:  # a diverging baseline is a result, not a crash
             log.warning("%s lr=%g on %s diverged: %s", name, lr, pair, error)
             record.update(diverged=str(error))
@@ -378,6 +421,10 @@ class Bench:
         lora = result.lora
         record["seconds"] = time.perf_counter() - started
         history = result.training.history
+        verification = result.training.verification
+        record.update(steps_taken=result.training.steps, train_seconds=result.training.seconds,
+                      check_seconds=verification.get("check_seconds"), forgotten_at=verification.get("forgotten_at"),
+                      final_learning_rate=verification.get("final_learning_rate", lr))  # fmt: skip
         record["grad_norm_ratio_median"] = statistics.median(h.get("grad_norm_ratio", math.nan) for h in history)
         record["projected_share"] = statistics.fmean(h.get("projected", 0.0) for h in history)
         after_target = self.setup.generate([tuple(pair)], lora)
@@ -390,6 +437,14 @@ class Bench:
                       frechet=evaluation.feature_distance)  # fmt: skip
         record["robust"] = self.robustness(entry["target"], label, target_seed, lora, steps) if robust else None
         return self._keep(record)
+
+    def check_settings(self, steps: int) -> CheckSettings | None:
+        """The forgetting check of verified runs: the table's own detector and threshold, at the
+        sampler steps the run is judged with."""
+        if not self.verified:
+            return None
+        return CheckSettings(self.setup.detector, FORGET_THRESHOLD[self.setup.name], self.setup.check_steps or steps,
+                             self.setup.clip, to_images=lambda samples: to_unit(samples.clamp(-1, 1)))  # fmt: skip
 
     def robustness(self, target, label, seed, lora, steps) -> dict:
         """Copy similarity to the target from nearby noises and another step count, base and unlearned."""
@@ -640,7 +695,7 @@ def write_json(path: Path, results: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=["flags", "shapes"])
+    parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=list(SETUPS))
     parser.add_argument("--stage", nargs="+", default=["report"], choices=["sweep", "main", "ablations", "report", "all"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--targets", type=int, help="table targets (default: flags 4, shapes 6)")
@@ -661,7 +716,7 @@ def main(argv=None) -> int:
     lpips_model = load_lpips()
     tables = {}
     for model_name in args.models:
-        setup = FlagsSetup() if model_name == "flags" else ShapesSetup()
+        setup = SETUPS[model_name]()
         final_steps = setup.steps_sample
         sweep_steps = setup.sweep_steps
         n_targets = 1 if args.quick else args.targets or DEFAULT_TARGETS[model_name]
@@ -679,7 +734,7 @@ def main(argv=None) -> int:
         print_tables(model_name, table)
         print(f"\nwrote {out}")
         tables[model_name] = table
-    if len(tables) == 2 and not args.quick:
+    if set(tables) == {"flags", "shapes"} and not args.quick:
         defaults = choose_defaults(tables)
         write_json(RESULTS / "effectiveness_defaults.json", defaults)
         print("\nDefaults by point 5:", defaults["chosen"], "at lr", defaults["learning_rate"])

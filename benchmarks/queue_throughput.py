@@ -71,9 +71,14 @@ def build_inputs(folder: Path, model_name: str) -> dict:
 
 
 def request(inputs: Path, model_section: dict, steps: int, seed: int) -> dict:
+    """A request of ``steps`` training steps exactly (throughput is measured per step, so verified
+    stopping is off). The flags target is the canonical flag, which every edit under its prompt
+    copies pixel for pixel: the copy threshold sits just under 1 so that its surrogate is accepted."""
     return {"model": model_section, "targets": str(inputs / "targets.safetensors"),
             "surrogate": {"method": "sdedit", "strength": 0.6, "steps": 10}, "remember": {"generate": 8, "steps": 10},
-            "config": {"steps": steps, "lora_rank": 4, "learning_rate": 1e-3, "seed": seed}, "output": "lora.safetensors"}  # fmt: skip
+            "check": {"forget_below": 0.999},
+            "config": {"steps": steps, "lora_rank": 4, "learning_rate": 1e-3, "seed": seed, "stop_when_forgotten": False},
+            "output": "lora.safetensors"}  # fmt: skip
 
 
 def run_processes(inputs: Path, jobs: list[dict], device: str) -> dict:

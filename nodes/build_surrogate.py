@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..unlearn_core.errors import InputError
+from ..unlearn_core.metrics import at_size, copy_similarity
 from ..unlearn_core.surrogate import (
     SAMPLED_KINDS,
     SURROGATE_KINDS,
+    away_from_copy,
     build_surrogate,
     surrogate_similarity,
 )
-from . import host, images
+from . import host, images, paths
 from .targets import Target, TargetsType
 
 
@@ -69,17 +71,27 @@ class BuildSurrogate(io.ComfyNode):
                                               "(a zeroed prompt when none was recorded)."),
                 io.Image.Input("edited_image", optional=True,
                                tooltip="Your corrected version(s) of the target(s) for method=edited_image, one per target, same size."),
+                # added after the first release: after every older input (workflows store them by position)
+                io.Combo.Input("copy_detector", options=[paths.PIXEL, *paths.copy_detector_files()], default=paths.PIXEL, optional=True,
+                               tooltip="The detector that must not call a surrogate a copy of its target (Preserve Check's): "
+                                       "pixel (built in) or an SSCD TorchScript file from models/unlearn/."),
+                io.Float.Input("forget_threshold", default=0.7, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="A surrogate at or above this copy similarity to its target is a copy, which training "
+                                       "cannot forget towards: sdedit/inpaint rebuild it (other seeds, then stronger edits); "
+                                       "other methods refuse it. Use Preserve Check's threshold."),
             ],  # fmt: skip
             outputs=[
                 TargetsType.Output(display_name="targets", tooltip="The targets with their surrogates attached."),
                 io.Image.Output(display_name="preview", tooltip="target | surrogate, side by side, one row per target."),
-                io.String.Output(display_name="similarity", tooltip="SSIM between each target and its surrogate (1 = identical)."),
+                io.String.Output(display_name="similarity", tooltip="SSIM and copy similarity between each target and its surrogate "
+                                                                    "(1 = identical), and any rebuild."),
             ],
         )
 
     @classmethod
     def execute(cls, model, vae, targets, method, strength, seed, steps, cfg, sampler_name, scheduler, noise_std,
-                edit_conditioning=None, negative=None, edited_image=None) -> io.NodeOutput:  # fmt: skip
+                edit_conditioning=None, negative=None, edited_image=None, copy_detector=paths.PIXEL,
+                forget_threshold=0.7) -> io.NodeOutput:  # fmt: skip
         if len(targets) == 0:
             raise InputError("no targets: mark at least one output first")
         if method == "edited_image":
@@ -89,6 +101,7 @@ class BuildSurrogate(io.ComfyNode):
         if method == "inpaint" and any(t.mask is None for t in targets.targets):
             raise InputError("method=inpaint needs a mask on every target: connect a mask to Mark Undesired Output")
         host.model_family(model)
+        detector = paths.load_copy_detector(copy_detector)  # a missing file fails before any sampling
         sampler = host.HostSampler(model)
         built, previews, lines = [], [], []
         for index, target in enumerate(targets.targets):
@@ -110,14 +123,35 @@ class BuildSurrogate(io.ComfyNode):
                     )
                 edited = host.encode(vae, edited_image[index].unsqueeze(0)).float()
             mask = None if target.mask is None else target.mask.reshape(1, 1, *target.mask.shape)
+            target_image = images.to_core(target.image)[None]
+
+            def make(edit_strength, edit_seed, latent=latent, prompt=prompt, mask=mask, edited=edited):
+                return build_surrogate(method, latent, sampler=sampler, prompt=prompt, strength=edit_strength, seed=edit_seed,
+                                       mask=mask, edited=edited, noise_std=noise_std)  # fmt: skip
+
+            def copy_score(surrogate, _target, target_image=target_image):
+                return float(copy_similarity(detector, at_size(host.decoder(vae)(surrogate)[0], target_image), target_image)[0])
+
             try:
-                surrogate = build_surrogate(method, latent, sampler=sampler, prompt=prompt, strength=strength,
-                                            seed=seed + index, mask=mask, edited=edited, noise_std=noise_std)  # fmt: skip
+                if method in SAMPLED_KINDS:
+                    surrogate, note = away_from_copy(make, latent, copy_score, forget_threshold, strength, seed + index,
+                                                     f"the surrogate of target {index}")  # fmt: skip
+                else:
+                    surrogate = make(strength, seed + index)
+                    note = {"copy_similarity": copy_score(surrogate, latent), "rebuilt": False}
+                    if note["copy_similarity"] >= forget_threshold:
+                        raise InputError(f"the {method} surrogate is a copy of its target (copy similarity "
+                                         f"{note['copy_similarity']:.3f} >= {forget_threshold:g}): training towards it cannot "
+                                         "forget the target; edit it more, or use sdedit/inpaint")  # fmt: skip
             except InputError as error:
                 raise InputError(f"target {index} ({target.id}): {error}") from None
             surrogate_image = host.decode(vae, surrogate)[0]
             score = surrogate_similarity(images.to_core(target.image), images.to_core(surrogate_image))
-            lines.append(f"target {index} ({target.id}): SSIM(target, surrogate) = {score:.3f}")
+            line = f"target {index} ({target.id}): SSIM(target, surrogate) = {score:.3f}, copy similarity {note['copy_similarity']:.3f}"
+            if note["rebuilt"]:
+                line += (f" (rebuilt: the first edit was a copy at {note['tried'][0]['copy_similarity']:.3f}; now strength "
+                         f"{note['strength']:g}, seed {note['seed']})")  # fmt: skip
+            lines.append(line)
             built.append(Target(**{**target.__dict__, "latent": latent[0], "surrogate_latent": surrogate[0].float(),
                                    "surrogate_image": surrogate_image, "surrogate_method": method}))  # fmt: skip
             previews.append(_side_by_side(target.image, surrogate_image))

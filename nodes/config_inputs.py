@@ -46,6 +46,14 @@ ADDED = {
     "forget_noise": "forget_noise",
     "own_noise_spread": "own_noise_spread",
     "optimizer": "optimizer",
+    "stop_when_forgotten": "stop_when_forgotten",
+    "check_every": "check_every",
+    "check_margin": "check_margin",
+    "check_nearby": "check_nearby",
+    "rate_schedule": "rate_schedule",
+    "raise_after": "raise_after",
+    "raise_factor": "raise_factor",
+    "remember_target": "remember_target",
 }
 FIELDS = {**FIRST, **ADDED}
 

@@ -124,18 +124,27 @@ def training_process(patcher) -> HostProcess:
 
 
 class PatcherDenoiser:
-    """x0 predictions of a loaded ModelPatcher (the clone that carries the LoRA)."""
+    """x0 predictions of a loaded ModelPatcher (the clone that carries the LoRA); with its
+    ``adapters``, also the base model's (every adapter switched off)."""
 
     gradient_split = None  # ComfyUI's weight wrappers give no per-layer hooks: two passes
 
-    def __init__(self, patcher, process: HostProcess, parameters: list[torch.nn.Parameter]):
+    def __init__(self, patcher, process: HostProcess, parameters: list[torch.nn.Parameter],
+                 adapters: dict[str, torch.nn.Module] | None = None):  # fmt: skip
         self.patcher = patcher
         self.process = process
         self._parameters = parameters
+        self._adapters = adapters
+        if adapters is None:
+            self.base_predict_x0 = None
 
     def predict_x0(self, x_t, t, cond):
         sigma = self.process.sigma(t).to(x_t.device)
         return self.patcher.model.apply_model(x_t, sigma, transformer_options={}, **cond)
+
+    def base_predict_x0(self, x_t, t, cond):
+        with adapters_off(self._adapters):
+            return self.predict_x0(x_t, t, cond)
 
     def trainable_parameters(self):
         return self._parameters
@@ -321,6 +330,22 @@ def _loaded_lora_clone(patcher, targets: set[str], rank: int, alpha: float, seed
         release(clone)
 
 
+@contextlib.contextmanager
+def adapters_off(adapters: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """The base model's weights for the duration: a LoRA adapter adds alpha / rank * up @ down to
+    its weight at every forward, so alpha 0 adds exactly nothing (its tensors stay as trained)."""
+    alphas = {name: adapter.alpha.detach().clone() for name, adapter in adapters.items()}
+    with torch.no_grad():
+        for adapter in adapters.values():
+            adapter.alpha.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, adapter in adapters.items():
+                adapter.alpha.copy_(alphas[name])
+
+
 def adapter_parameters(adapters: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for adapter in adapters.values() for p in (adapter.lora_up.weight, adapter.lora_down.weight)]
 
@@ -384,6 +409,16 @@ def ksample(
         patcher, noise, steps, cfg, sampler, scheduler, positive, negative or zero_conditioning(positive),
         latent, denoise=denoise, noise_mask=noise_mask, disable_pbar=True, seed=seed,
     )  # fmt: skip
+
+
+def ksample_from_noise(patcher, prompt: HostPrompt, noise: torch.Tensor, seed: int) -> torch.Tensor:
+    """ComfyUI's sampler from a given initial ``noise`` (B, C, h, w) rather than a seed's: the
+    forgetting check's nearby probes. With the seed's own noise it is :func:`ksample` exactly."""
+    latent = torch.zeros_like(noise)
+    return comfy.sample.sample(
+        patcher, noise, prompt.steps, prompt.cfg, prompt.sampler_name, prompt.scheduler, prompt.positive,
+        prompt.negative or zero_conditioning(prompt.positive), latent, denoise=1.0, disable_pbar=True, seed=seed,
+    ).float()  # fmt: skip
 
 
 #: how a target with no recorded sampler settings is regenerated

@@ -18,6 +18,7 @@ import folder_paths
 
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import atomic_write_bytes, safe_child
+from ..unlearn_core.metrics import CopyDetector, PixelCopyDetector, TorchScriptCopyDetector
 
 COPY_DETECTOR_SUFFIXES = (".pt", ".pth", ".torchscript")
 COPY_DETECTOR_FOLDER = "unlearn"  # under models/
@@ -74,6 +75,17 @@ def copy_detector_files() -> list[str]:
             names.update(path.relative_to(folder).as_posix() for path in folder.rglob("*")
                          if path.is_file() and path.suffix.lower() in COPY_DETECTOR_SUFFIXES)  # fmt: skip
     return sorted(names)
+
+
+PIXEL = "pixel"  # copy_detector option: the core's built-in pixel detector (no file)
+
+
+def load_copy_detector(name: str) -> CopyDetector:
+    """The copy detector a node judges copies with (Preserve Check, the training node's forgetting
+    check, Build Surrogate): an SSCD TorchScript file from the copy-detector folders, or pixels."""
+    if name == PIXEL:
+        return PixelCopyDetector()
+    return TorchScriptCopyDetector(copy_detector_path(name))
 
 
 def copy_detector_path(name: str) -> Path:

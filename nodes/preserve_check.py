@@ -8,7 +8,8 @@ from comfy_api.latest import io, ui
 
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.files import atomic_write_text
-from ..unlearn_core.metrics import PixelCopyDetector, TorchScriptCopyDetector, load_lpips
+from ..unlearn_core.lora import read_safetensors
+from ..unlearn_core.metrics import load_lpips
 from ..unlearn_core.preserve import (
     HeldOut,
     Replay,
@@ -22,14 +23,17 @@ from ..unlearn_core.seeds import target_seed
 from . import host, images, paths, provenance
 from .targets import TargetsType
 
-PIXEL = "pixel"  # copy_detector option: the core's built-in pixel detector (no file)
 
-
-def load_copy_detector(name: str):
-    """The copy detector Preserve Check judges forgetting with: an SSCD TorchScript file, or pixels."""
-    if name == PIXEL:
-        return PixelCopyDetector()
-    return TorchScriptCopyDetector(paths.copy_detector_path(name))
+def training_verification(lora_name: str) -> dict | None:
+    """The forgetting check's record that Instance Unlearn LoRA saved in the LoRA file, if any."""
+    if not lora_name.strip():
+        return None
+    path = paths.lora_path(lora_name)
+    if not path.is_file():
+        return None
+    _, metadata = read_safetensors(path, "LoRA file")
+    text = metadata.get("unlearn.verification")
+    return None if text is None else json.loads(text)
 
 
 class PreserveCheck(io.ComfyNode):
@@ -72,7 +76,7 @@ class PreserveCheck(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Optional CLIP vision model for a semantic similarity column."),
                 # added after the first release: after every older input (workflows store them by position)
-                io.Combo.Input("copy_detector", options=[PIXEL, *paths.copy_detector_files()], default=PIXEL, optional=True,
+                io.Combo.Input("copy_detector", options=[paths.PIXEL, *paths.copy_detector_files()], default=paths.PIXEL, optional=True,
                                tooltip="How forgetting is measured: pixel (built in: cosine of 32x32 mean-centred images) or "
                                        "an SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt) put in models/unlearn/."),
             ],  # fmt: skip
@@ -87,11 +91,11 @@ class PreserveCheck(io.ComfyNode):
     @classmethod
     def execute(cls, base_model, unlearned_model, vae, targets, preserve_seeds, steps, forget_threshold,
                 integrity_threshold, lora_name, extra_conditioning=None, clip_vision=None,
-                copy_detector=PIXEL) -> io.NodeOutput:  # fmt: skip
+                copy_detector=paths.PIXEL) -> io.NodeOutput:  # fmt: skip
         if len(targets) == 0:
             raise InputError("no targets to check: mark and unlearn at least one output first")
         report_path = paths.report_path(lora_name, targets.forget_set)  # validate the names before any work
-        detector = load_copy_detector(copy_detector)  # a missing file fails before any sampling
+        detector = paths.load_copy_detector(copy_detector)  # a missing file fails before any sampling
         replays, held_out = [], []
         for index, target in enumerate(targets.targets):
             if target.conditioning is None:
@@ -117,6 +121,11 @@ class PreserveCheck(io.ComfyNode):
         check = check_preservation(*paired(replays, held_out, base, unlearned), detector,
                                    Thresholds(forget_threshold, integrity_threshold), load_lpips(), semantic)  # fmt: skip
         report = {"forget_set": targets.forget_set, "lora_name": lora_name, **check.as_dict()}
+        training = training_verification(lora_name)
+        if training is not None:  # what verified stopping saw during training, beside what this check sees now
+            report["training_verification"] = training
+            for row, step in zip(report["targets"], training.get("forgotten_at") or [], strict=False):
+                row["forgotten_at_training_step"] = step
         text = json.dumps(report, indent=2)
         atomic_write_text(report_path, text)
         top = [image for image in (*base.targets, *base.held_out) if image is not None]

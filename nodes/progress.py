@@ -36,11 +36,13 @@ class TrainingProgress:
         eta = elapsed / step * (total - step) if step else None
         self.bar.update_absolute(step, total)
         payload = {"node": self.node_id, "phase": self.phase, "step": step, "total": total, "eta_s": eta}
-        payload.update({k: metrics[k] for k in ("forget_loss", "remember_loss", "objective") if k in metrics})
+        payload.update({k: metrics[k] for k in ("forget_loss", "remember_loss", "objective", "forgotten") if k in metrics})
         host.send_event(EVENT, payload)
         if step == total or step % max(1, total // 10) == 0:
             log.info("unlearn %s step %d/%d forget %.4g remember %.4g", self.phase, step, total,
                      metrics.get("forget_loss", float("nan")), metrics.get("remember_loss", float("nan")))  # fmt: skip
 
     def finish(self, status: str, **extra) -> None:
+        if status == "done":  # verified stopping may end training before the bar's total
+            self.bar.update_absolute(self.total, self.total)
         host.send_event(EVENT, {"node": self.node_id, "phase": self.phase, "status": status, **extra})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -17,6 +18,7 @@ from ..unlearn_core.remember import RememberRequest, generate_remember, split_co
 from ..unlearn_core.seeds import MAX_REMEMBER, target_seed
 from ..unlearn_core.trainer import train_unlearning
 from . import config_inputs, host, paths
+from .forgetting_check import forgetting_check
 from .progress import TrainingProgress
 from .targets import TargetsType, UnlearnTargets
 
@@ -121,6 +123,15 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                 io.Conditioning.Input("remember_conditioning", optional=True,
                                       tooltip="Conditioning of remember_latents; defaults to the first target's conditioning."),
                 *config_inputs.inputs(*config_inputs.ADDED, optional=True),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The model's VAE: with it, training regenerates the targets every check_every steps and "
+                                     "stops once each is forgotten (verified stopping); without it every step is trained."),
+                io.Combo.Input("copy_detector", options=[paths.PIXEL, *paths.copy_detector_files()], default=paths.PIXEL, optional=True,
+                               tooltip="How the forgetting check measures a copy, as in Preserve Check: pixel (built in) or an "
+                                       "SSCD TorchScript file from models/unlearn/."),
+                io.Float.Input("forget_threshold", default=0.7, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="A regeneration is no longer the target below this copy similarity (Preserve Check's "
+                                       "threshold); the check also wants check_margin below it."),
             ],  # fmt: skip
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
@@ -133,12 +144,14 @@ class InstanceUnlearnLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, targets, remember_count, remember_steps, lora_name, remember_latents=None,
-                remember_conditioning=None, **training) -> io.NodeOutput:  # fmt: skip
+                remember_conditioning=None, vae=None, copy_detector=paths.PIXEL, forget_threshold=0.7,
+                **training) -> io.NodeOutput:  # fmt: skip
         config = config_inputs.config_from_inputs(training)
         host.model_family(model)  # an unsupported model is refused before any work
         host.lora_target_names(model, config.lora_rank, config.target_modules)  # a rank too large fails before any work
         check_targets(targets)
         path = paths.lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
+        paths.load_copy_detector(copy_detector)  # a missing detector file fails before any work
         if remember_latents is not None:
             remember = remember_latents["samples"].float()
             conditioning = remember_conditioning or targets.targets[0].conditioning
@@ -160,23 +173,41 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                                          config.seed) as (clone, adapters),
                 host.gradient_checkpointing(clone, config.gradient_checkpointing),
             ):
-                denoiser = host.PatcherDenoiser(clone, process, host.adapter_parameters(adapters))
-                result = train_unlearning(denoiser, process, data, config, callback=progress)
+                denoiser = host.PatcherDenoiser(clone, process, host.adapter_parameters(adapters), adapters)
+                check = None
+                if config.stop_when_forgotten:
+                    check = forgetting_check(clone, vae, targets, data.forget.noise, remember_steps, copy_detector,
+                                             forget_threshold, config.check_margin, config.check_nearby, config.seed)  # fmt: skip
+                    if check is None:
+                        log.warning("verified stopping needs %s: every step is trained",
+                                    "the VAE connected" if vae is None else "each target's recorded seed")  # fmt: skip
+                result = train_unlearning(denoiser, process, data, config, callback=progress, check=check)
                 weights = host.lora_weights(model, adapters)
         except BaseException as error:
             progress.finish("failed", error=str(error) or type(error).__name__)
             raise
         if path is not None:
-            save_lora(path, weights, "comfy", lora_metadata(config, model, targets, data, remember_source))
+            metadata = lora_metadata(config, model, targets, data, remember_source)
+            metadata["unlearn.verification"] = json.dumps(result.verification, sort_keys=True)
+            save_lora(path, weights, "comfy", metadata)
             saved_name = paths.lora_name(path)
             log.info("saved unlearning LoRA to %s", path)
         else:
             saved_name = ""
-        progress.finish("done", lora_name=saved_name, seconds=result.seconds)
+        progress.finish("done", lora_name=saved_name, seconds=result.seconds, steps=result.steps,
+                        verification=result.verification.get("status"),
+                        forgotten_at=result.verification.get("forgotten_at"))  # fmt: skip
         loss_map = {
             "loss": [h["objective"] for h in result.history],
             "forget_loss": [h["forget_loss"] for h in result.history],
             "remember_loss": [h["remember_loss"] for h in result.history],
         }
+        checked = [h for h in result.history if "forgotten" in h]
+        if checked:  # targets forgotten at each check, held until the next one
+            count, series = 0.0, []
+            for h in result.history:
+                count = h.get("forgotten", count)
+                series.append(count)
+            loss_map["forgotten_targets"] = series
         lora = state_dict_for(weights, "comfy")  # LORA_MODEL, as SaveLoRA and LoraModelLoader take it
         return io.NodeOutput(host.with_lora(model, lora), lora, loss_map, saved_name)

@@ -47,6 +47,10 @@ def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
     assert report["checks"]["integrity"] == check["summary"]["integrity_passed"]
     assert report["evaluation"]["target_copy_similarity"] == [check["targets"][0]["copy_similarity_unlearned_to_target"]]
     assert report["evaluation"]["integrity_ssim"] == check["summary"]["mean_preserve_ssim"]
+    # verified stopping judged the unchanged base model first: it still makes the target from its noise
+    verification = report["training"]["verification"]
+    assert verification["verifiable"] == [True] and verification["baseline"]["own_similarity"][0] >= 0.9
+    assert verification["forgotten_at"] == [None] and "not verified" in verification["status"]  # 3 steps, no check due
     for name in ("grid.png", "report.json", "report.html", "unlearn_lora.safetensors"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "report.json").read_text())

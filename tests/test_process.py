@@ -2,7 +2,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from unlearn_core.process import DDPMEpsilon, RectifiedFlow, x0_space_loss
+from unlearn_core.process import (
+    DDPMEpsilon,
+    DDPMVelocity,
+    RectifiedFlow,
+    ddpm_process,
+    x0_space_loss,
+)
 from unlearn_core.sampling import step_to
 
 
@@ -10,7 +16,12 @@ def ddpm(schedule="linear"):
     return DDPMEpsilon.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule))
 
 
-PROCESSES = [RectifiedFlow(shift=3.0), ddpm("linear"), ddpm("squaredcos_cap_v2")]
+def ddpm_v(schedule="linear"):
+    return DDPMVelocity.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, prediction_type="v_prediction"))
+
+
+PROCESSES = [RectifiedFlow(shift=3.0), ddpm("linear"), ddpm("squaredcos_cap_v2"), ddpm_v("linear")]
+IDS = ["flow", "ddpm-linear", "ddpm-cosine", "ddpm-v"]
 
 
 def batch(seed=0, n=5):
@@ -19,7 +30,7 @@ def batch(seed=0, n=5):
             torch.randn(n, 3, 8, 8, generator=g))  # fmt: skip
 
 
-@pytest.mark.parametrize("process", PROCESSES, ids=["flow", "ddpm-linear", "ddpm-cosine"])
+@pytest.mark.parametrize("process", PROCESSES, ids=IDS)
 def test_surrogate_target_denoises_onto_the_surrogate(process):
     """METHOD.md 3: one exact step with the surrogate target, from the target's noisy point, gives x~."""
     target, surrogate, noise = batch()
@@ -54,7 +65,7 @@ def test_ddpm_surrogate_epsilon_matches_the_closed_form():
     assert torch.allclose(process.output_target(x_t, surrogate, t), closed_form, atol=1e-4)
 
 
-@pytest.mark.parametrize("process", PROCESSES, ids=["flow", "ddpm-linear", "ddpm-cosine"])
+@pytest.mark.parametrize("process", PROCESSES, ids=IDS)
 def test_x0_space_loss_equals_native_mse(process):
     """The host-agnostic form ||x0_hat - x~||^2 w(t) is exactly the eps/v-space loss."""
     target, surrogate, noise = batch(1)
@@ -90,6 +101,21 @@ def test_ddpm_timesteps_and_start():
 def test_ddpm_refuses_non_epsilon_schedulers():
     with pytest.raises(ValueError, match="epsilon"):
         DDPMEpsilon.from_scheduler(DDPMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="v-prediction"):
+        DDPMVelocity.from_scheduler(DDPMScheduler())
+
+
+def test_the_v_process_is_v_and_matches_diffusers():
+    """v = alpha eps - sigma x0 (diffusers' get_velocity), and x0 comes back from it."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    process = ddpm_process(scheduler)
+    assert type(process) is DDPMVelocity and type(ddpm_process(DDPMScheduler())) is DDPMEpsilon
+    x0, _, noise = batch(2)
+    t = process.sample_t(len(x0), torch.Generator().manual_seed(5))
+    x_t = process.add_noise(x0, noise, t)
+    velocity = scheduler.get_velocity(x0, noise, process.timestep_index(t))
+    assert torch.allclose(process.output_target(x_t, x0, t), velocity, atol=1e-4)
+    assert torch.allclose(process.predict_x0(x_t, velocity, t), x0, atol=1e-4)
 
 
 def test_x0_space_loss_checks_shapes():

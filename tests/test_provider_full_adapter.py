@@ -36,7 +36,8 @@ def test_full_fine_tuning_saves_the_trained_weights_under_the_models_own_names(f
     assert set(saved) == set(base.state_dict()), "not a drop-in for diffusion_pytorch_model.safetensors"
     # it is exactly the model this job trains: same data (from the training file), same config
     data_file = load_file(str(root / "out" / "forget.training.safetensors"))
-    data = UnlearnData(ForgetTargets(data_file["targets"], data_file["surrogates"]), RememberSet(data_file["remember"]))
+    data = UnlearnData(ForgetTargets(data_file["targets"], data_file["surrogates"], noise=data_file["noise"]),
+                       RememberSet(data_file["remember"]))  # fmt: skip
     config = UnlearnConfig.from_dict({**job["config"]})
     expected = unlearn_diffusers(base, locate(job["model"], root).process(), data, config).finetuned.state_dict()
     assert all(torch.equal(saved[key], expected[key]) for key in expected)

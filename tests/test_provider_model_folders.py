@@ -74,10 +74,14 @@ def test_model_sections_that_cannot_work_are_refused(tmp_path, spec, wrong):
         locate({"path": "pipe", **spec}, tmp_path)
 
 
-def test_a_v_prediction_schedule_is_refused(tmp_path):
+def test_a_v_prediction_schedule_gets_the_v_process_and_a_sample_schedule_is_refused(tmp_path):
+    from unlearn_core.process import DDPMVelocity
+
     save_ddpm_pipeline(tmp_path / "pipe", prediction_type="v_prediction")
-    with pytest.raises(InputError, match="predicts 'v_prediction'; unlearning trains epsilon-prediction UNets only"):
-        locate({"path": "pipe"}, tmp_path)
+    assert type(locate({"path": "pipe"}, tmp_path).process()) is DDPMVelocity
+    save_ddpm_pipeline(tmp_path / "sample", prediction_type="sample")
+    with pytest.raises(InputError, match="predicts 'sample'; unlearning trains epsilon- and v-prediction"):
+        locate({"path": "sample"}, tmp_path)
 
 
 def test_sd3_takes_the_shift_of_the_pipeline_scheduler(tmp_path, caplog):

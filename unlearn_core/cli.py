@@ -39,6 +39,11 @@ class _ProgressBar:
         self.bar.set_postfix(forget=f"{metrics['forget_loss']:.4f}", remember=f"{metrics['remember_loss']:.4f}", refresh=False)
         self.bar.update(step - self.bar.n)
         if step == total:
+            self.close()
+
+    def close(self) -> None:
+        """Ends the bar, also when verified stopping ended training before the maximum."""
+        if self.bar is not None:
             self.bar.close()
 
 
@@ -48,7 +53,9 @@ def _demo(args) -> int:
     overrides = {name: value for name, value in (("steps", args.steps), ("gamma", args.gamma)) if value is not None}
     config = UnlearnConfig(**{**DemoSettings().config.to_dict(), **overrides})
     settings = DemoSettings(target=args.target, surrogate=args.surrogate, strength=args.strength, config=config)
-    report = run_demo(args.out, settings, callback=_ProgressBar("unlearning"))
+    progress = _ProgressBar("unlearning")
+    report = run_demo(args.out, settings, callback=progress)
+    progress.close()
     evaluation = report["evaluation"]
     print(f"target: prompt '{report['target']['prompt']}' seed {report['target']['seed']} "
           f"(looked like {report['target']['classified_as']}); after: looks like {report['after']['classified_as']}")
@@ -58,7 +65,8 @@ def _demo(args) -> int:
     lpips_text = f"LPIPS {lpips:.4f}" if isinstance(lpips, float) else lpips
     print(f"integrity on {report['integrity_seeds']} other seeds: SSIM "
           f"{evaluation['integrity_ssim']:.4f}, PSNR {evaluation['integrity_psnr']:.2f} dB; {lpips_text}")
-    print(f"training: {report['training']['steps']} steps in {report['training']['seconds']:.1f} s")
+    print(f"training: {report['training']['steps']} of at most {report['training']['max_steps']} steps in "
+          f"{report['training']['seconds']:.1f} s ({report['training']['verification'].get('status')})")
     for name, passed in report["checks"].items():
         print(f"  {name}: {'pass' if passed else 'FAIL'}")
     print(f"wrote {Path(args.out) / 'report.html'}, grid.png, {report['files']['lora']}")
@@ -70,8 +78,9 @@ def _run(args) -> int:
     from .model_folders import ModelCache
     from .provider import run_job
 
-    result = run_job(job, base_dir=Path(args.config).parent, callback=_ProgressBar("unlearning"),
-                     models=ModelCache(args.device))  # fmt: skip
+    progress = _ProgressBar("unlearning")
+    result = run_job(job, base_dir=Path(args.config).parent, callback=progress, models=ModelCache(args.device))
+    progress.close()
     print(json.dumps(result, indent=2))
     return 0
 

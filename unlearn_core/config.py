@@ -10,6 +10,7 @@ built, before any model is touched.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -18,12 +19,17 @@ from .objectives import OBJECTIVES, EraseDiff
 from .surgery import BALANCE_MODES, SURGERY_MODES
 from .weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS, LossWeights, make_weighting
 
-__all__ = ["UnlearnConfig", "Option", "options", "DTYPES", "ADAPTERS", "FORGET_NOISES", "OPTIMIZERS"]
+__all__ = ["UnlearnConfig", "Option", "options", "DTYPES", "ADAPTERS", "FORGET_NOISES", "OPTIMIZERS", "RATE_SCHEDULES",
+           "REMEMBER_TARGETS"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 FORGET_NOISES = ("own", "fresh")
 ADAPTERS = ("lora", "full")
+RATE_SCHEDULES = ("fixed", "raise")
+REMEMBER_TARGETS = ("data", "base")
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,26 @@ _KINDS = {"int": "int", "float": "float", "str": "choice", "bool": "bool", "tupl
 class UnlearnConfig:
     method: str = _help("surrogate (ours), or a baseline for comparison: neggrad, erasediff, siss",
                         choices=OBJECTIVES, default="surrogate")  # fmt: skip
-    steps: int = _help("optimizer steps; the paper used 100 for SD3 (LoRA)",
+    steps: int = _help("optimizer steps; with stop_when_forgotten the most it may take (the paper used 100 for SD3)",
                        low=1, high=1_000_000, hint="zero steps would train nothing", default=100)  # fmt: skip
     learning_rate: float = _help("AdamW learning rate", low=0, low_open=True, high=0.1, step=1e-5, round=1e-7,
                                  hint="LoRA unlearning uses about 1e-4 to 1e-2", default=3e-3)  # fmt: skip
+    stop_when_forgotten: bool = _help("verified stopping: every check_every steps regenerate each target from its "
+                                      "own and nearby noises and stop once every one is forgotten with check_margin "
+                                      "at two checks in a row (needs a forgetting check; README: verified stopping)",
+                                      default=True)  # fmt: skip
+    check_every: int = _help("steps between two forgetting checks", low=1, high=100_000, default=10)
+    check_margin: float = _help("how far below the copy threshold every probe must score to count as forgotten",
+                                low=0, high=0.5, step=0.01, default=0.05)  # fmt: skip
+    check_nearby: int = _help("nearby noises per target the check also regenerates (slerped 0.05 to 0.2 from its own)",
+                              low=0, high=8, default=2)  # fmt: skip
+    rate_schedule: str = _help("fixed learning rate, or raise it by raise_factor each time raise_after steps went "
+                               "by with a target still produced (needs the forgetting check)",
+                               choices=RATE_SCHEDULES, default="fixed")  # fmt: skip
+    raise_after: int = _help("step budget before the rate is raised for a target that is still produced",
+                             low=1, high=100_000, default=20)  # fmt: skip
+    raise_factor: float = _help("how much each raise multiplies the learning rate (capped at 0.1)",
+                                low=1, high=10, step=0.5, default=2.0)  # fmt: skip
     adapter: str = _help("lora (a small file, base untouched) or full (fine-tune a copy)",
                          choices=ADAPTERS, default="lora")  # fmt: skip
     lora_rank: int = _help("LoRA rank r", low=1, high=1024, default=8)
@@ -131,6 +153,10 @@ class UnlearnConfig:
                               "acts at middle noise) or native (lambda times the eps/v "
                               "weight, which peaks at low noise)",
                               choices=FORGET_SPACES, default="min_snr")  # fmt: skip
+    remember_target: str = _help("what the remember loss pulls towards: data (the remember samples) or base (the "
+                                 "frozen base model's own prediction at the same noisy input: zero at the start, it "
+                                 "penalises any drift of other outputs; one more forward pass without gradients)",
+                                 choices=REMEMBER_TARGETS, default="data")  # fmt: skip
     remember_weight: str = _help("weight of the remember loss: full (at every t) or complement (1 - lambda(t))",
                                  choices=REMEMBER_WEIGHTS, default="full")  # fmt: skip
     balance: str = _help("bound the forget gradient relative to the remember gradient before surgery: scale "
@@ -167,6 +193,16 @@ class UnlearnConfig:
             self.target_modules = tuple(self.target_modules)
         for option in options().values():
             option.check(getattr(self, option.name))
+        if self.rate_schedule == "raise" and not self.stop_when_forgotten:
+            raise InputError("rate_schedule='raise' raises the rate on the forgetting check's verdicts, which run with "
+                             "stop_when_forgotten: turn it on, or choose rate_schedule='fixed'")  # fmt: skip
+        if self.remember_target == "base" and self.balance != "none" and self.method == "surrogate":
+            raise InputError(f"balance={self.balance!r} bounds the forget gradient by the remember gradient's norm, which "
+                             "remember_target='base' makes zero at the start (nothing has drifted yet), so nothing would "
+                             "be forgotten: choose balance='none' with it, or remember_target='data'")  # fmt: skip
+        if self.remember_target == "base" and self.method != "surrogate":
+            log.warning("remember_target='base' is an option of ours (method 'surrogate'); the %s baseline keeps its "
+                        "published remember loss on the data", self.method)  # fmt: skip
 
     @property
     def effective_alpha(self) -> float:

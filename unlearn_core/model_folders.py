@@ -35,7 +35,7 @@ import torch
 
 from .errors import InputError
 from .files import file_sha256
-from .process import DDPMEpsilon, ForwardProcess, RectifiedFlow
+from .process import DDPMEpsilon, DDPMVelocity, ForwardProcess, RectifiedFlow
 
 __all__ = ["ModelSource", "LoadedModel", "ModelCache", "locate", "load", "MODEL_KINDS", "COMPONENTS"]
 
@@ -54,7 +54,7 @@ class ModelSource:
 
     kind: str
     model_dir: Path
-    scheduler_config: dict | None  # the epsilon schedule (unet); None for sd3
+    scheduler_config: dict | None  # the epsilon or v schedule (unet); None for sd3
     shift: float | None  # sd3 only
     clip: float | None  # x0 clamp while sampling, as the model's own sampler does
 
@@ -63,7 +63,9 @@ class ModelSource:
         levels it is indexed with are."""
         if self.kind == "sd3":
             return RectifiedFlow(shift=self.shift)
-        return DDPMEpsilon(_ddpm_scheduler(self.scheduler_config).alphas_cumprod.to(device))
+        scheduler = _ddpm_scheduler(self.scheduler_config)
+        kind = DDPMVelocity if scheduler.config.prediction_type == "v_prediction" else DDPMEpsilon
+        return kind(scheduler.alphas_cumprod.to(device))
 
     def describe(self) -> dict:
         """What the audit record says about the base model."""
@@ -163,9 +165,10 @@ def _ddpm_scheduler(config: dict):
 
 def _unet_clip(config: dict) -> float | None:
     scheduler = _ddpm_scheduler(config).config  # its defaults for fields the file leaves out
-    if scheduler.prediction_type != "epsilon":
+    if scheduler.prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
-            f"the UNet's schedule predicts {scheduler.prediction_type!r}; unlearning trains epsilon-prediction UNets only"
+            f"the UNet's schedule predicts {scheduler.prediction_type!r}; unlearning trains epsilon- and v-prediction "
+            "UNets (prediction_type epsilon or v_prediction)"
         )
     if scheduler.thresholding:
         log.warning("the schedule uses dynamic thresholding, which this sampler does not reproduce; samples are clipped "

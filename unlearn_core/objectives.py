@@ -13,7 +13,10 @@ native weight :math:`w(t)` (:mod:`unlearn_core.weighting` says why the forget ha
     L_f = \lambda(t_f) \lVert \hat x_0(x_t^f) - \tilde x \rVert^2, \qquad
     L_r = w(t_r) \lVert \hat x_0(x_t^r) - x_0^r \rVert^2
 
-and :math:`g = \mathrm{surgery}(\mathrm{balance}(g_f, g_r), g_r)`. The loss reported for both
+where :math:`x_0^r` is the remember sample, or with ``remember_target="base"`` the frozen base
+model's prediction :math:`\hat x_0^{base}(x_t^r)` at the same noisy input (the remember term is
+then zero at the start and measures only the drift the adapter causes), and
+:math:`g = \mathrm{surgery}(\mathrm{balance}(g_f, g_r), g_r)`. The loss reported for both
 halves is always the native (eps/v) MSE, whatever the weights, so the curves stay comparable.
 """
 
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "StepPlan",
     "HalfBatch",
+    "BasePrediction",
     "Objective",
     "SurrogateUnlearning",
     "NegGrad",
@@ -80,6 +84,8 @@ class StepPlan:
 
 
 Score = Callable[[torch.Tensor], tuple[torch.Tensor, float]]
+#: base(x_t, t, cond) -> the frozen base model's x0 prediction (no gradient)
+BasePrediction = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
 @dataclass
@@ -142,16 +148,20 @@ class Objective:
             plan.forget_t.to(device),
         )
 
-    def _remember_half(self, data: UnlearnData, plan: StepPlan, weights: Callable | None = None) -> HalfBatch:
-        """The plain training loss on remember samples; ``weights(t, native)`` replaces the native weight."""
+    def _remember_half(self, data: UnlearnData, plan: StepPlan, weights: Callable | None = None,
+                       base: BasePrediction | None = None) -> HalfBatch:  # fmt: skip
+        """The plain training loss on remember samples; ``weights(t, native)`` replaces the native
+        weight, and with ``base`` the target is the base model's prediction at the same noisy input
+        instead of the sample (so the loss is zero until the adapter moves that output)."""
         device = data.remember.samples.device
         index = plan.remember_index.to(device)
         samples = data.remember.samples[index]
         t = plan.remember_t.to(device)
+        cond = select(data.remember.cond, index)
         x_t = self.process.add_noise(samples, plan.remember_noise.to(device, samples.dtype), t)
+        target = samples if base is None else base(x_t, t, cond).detach().to(samples)
         native = self.process.x0_loss_weight(t)
-        return HalfBatch(x_t, t, select(data.remember.cond, index),
-                         _weighted(samples, native, None if weights is None else weights(t, native)))  # fmt: skip
+        return HalfBatch(x_t, t, cond, _weighted(target, native, None if weights is None else weights(t, native)))
 
     def forget_half(self, data: UnlearnData, plan: StepPlan) -> HalfBatch:
         raise NotImplementedError
@@ -170,8 +180,10 @@ class SurrogateUnlearning(Objective):
     name = "surrogate"
 
     def __init__(self, process, forget_batch, remember_batch, weights: LossWeights, surgery: str,
-                 balance: str = "none", balance_ratio: float = 0.5, own_noise_spread: float | None = None):  # fmt: skip
+                 balance: str = "none", balance_ratio: float = 0.5, own_noise_spread: float | None = None,
+                 remember_base: BasePrediction | None = None):  # fmt: skip
         super().__init__(process, forget_batch, remember_batch)
+        self.remember_base = remember_base
         self.weights = weights
         self.surgery = surgery
         self.balance = balance
@@ -208,7 +220,7 @@ class SurrogateUnlearning(Objective):
                          _weighted(surrogates, native, self.forget_weights(t)))  # fmt: skip
 
     def remember_half(self, data, plan):
-        return self._remember_half(data, plan, self.weights.remember)
+        return self._remember_half(data, plan, self.weights.remember, self.remember_base)
 
     def combine(self, forget, remember):
         return combine_gradients(forget, remember, self.surgery, self.balance, self.balance_ratio)

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-__all__ = ["ForwardProcess", "RectifiedFlow", "DDPMEpsilon", "x0_space_loss"]
+__all__ = ["ForwardProcess", "RectifiedFlow", "DDPMEpsilon", "DDPMVelocity", "ddpm_process", "x0_space_loss"]
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -184,6 +184,41 @@ class DDPMEpsilon(ForwardProcess):
     def x0_loss_weight(self, t):
         alpha, sigma = self.scales(t)
         return (alpha / sigma) ** 2
+
+
+class DDPMVelocity(DDPMEpsilon):
+    r"""Discrete DDPM with a v-predicting network (SD 2.x 768-v, SDXL-v and v-prediction fine-tunes):
+    :math:`v = \alpha\,\epsilon - \sigma\,x_0`, so :math:`\hat x_0 = \alpha x_t - \sigma \hat v` and
+    :math:`\lVert \hat v - v \rVert^2 = \lVert \hat x_0 - x_0 \rVert^2 / \sigma^2`. Same noise path and grid
+    as :class:`DDPMEpsilon`."""
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> DDPMVelocity:
+        """From a diffusers DDPMScheduler/DDIMScheduler with ``prediction_type="v_prediction"``."""
+        prediction = getattr(scheduler.config, "prediction_type", "epsilon")
+        if prediction != "v_prediction":
+            raise ValueError(f"DDPMVelocity needs a v-prediction scheduler, got prediction_type={prediction!r}")
+        return cls(scheduler.alphas_cumprod)
+
+    def predict_x0(self, x_t, output, t):
+        alpha, sigma = self.scales(t)
+        return _expand(alpha, x_t) * x_t - _expand(sigma, x_t) * output
+
+    def output_target(self, x_t, x0, t):
+        alpha, sigma = self.scales(t)
+        return (_expand(alpha, x_t) * x_t - x0) / _expand(sigma, x_t)
+
+    def x0_loss_weight(self, t):
+        _, sigma = self.scales(t)
+        return 1.0 / sigma**2
+
+
+def ddpm_process(scheduler) -> DDPMEpsilon:
+    """The process of a diffusers DDPM/DDIM scheduler, by its prediction type (epsilon or v)."""
+    prediction = getattr(scheduler.config, "prediction_type", "epsilon")
+    if prediction == "v_prediction":
+        return DDPMVelocity.from_scheduler(scheduler)
+    return DDPMEpsilon.from_scheduler(scheduler)
 
 
 def x0_space_loss(

@@ -16,10 +16,28 @@ output::
     }
 
 The targets file holds ``targets`` (N, C, H, W), optionally ``surrogates`` of the same shape and
-``remember`` (M, C, H, W), and conditioning tensors with a batch dimension of N (for the targets)
-and, prefixed with ``remember.``, of M. SD3 needs ``encoder_hidden_states`` and
-``pooled_projections``; unconditional UNets need none. Relative paths are read from the job
-file's folder; the output path must stay inside the output folder.
+``remember`` (M, C, H, W), optionally ``noise`` (N, C, H, W), and conditioning tensors with a
+batch dimension of N (for the targets) and, prefixed with ``remember.``, of M. SD3 needs
+``encoder_hidden_states`` and ``pooled_projections``; unconditional UNets need none. Relative
+paths are read from the job file's folder; the output path must stay inside the output folder.
+
+**Each target's noise** (what its sampler started from) is what verified stopping regenerates it
+from, and what ours draws its forget points around. The convention is the core sampler's
+(:func:`~unlearn_core.sampling.sample`): the tensor the sampler starts at, at noise fraction 1
+(for a seed s, ``torch.randn((C, H, W), generator=torch.Generator().manual_seed(s))``,
+:func:`~unlearn_core.sampling.seeded_noise`). Give it as ``noise`` in the targets file, or as the
+job's ``"seeds": [s0, s1, ...]`` (one per target); without either, it is recovered by inverting
+the deterministic sampler (:func:`~unlearn_core.sampling.invert`). Whichever way, the job
+regenerates each target from its noise and the report says, per target, where the noise came
+from and whether it reproduces the target (copy similarity); a target it does not reproduce
+cannot be verified forgotten, and the report says so.
+
+The job's ``"check"`` says how a regeneration is judged: ``detector`` (``"pixel"``, the offline
+proxy, or the path of an SSCD TorchScript file), ``forget_below`` (the copy-similarity threshold:
+0.6 for the pixel proxy, the paper's 0.4 for SSCD) and ``steps`` (the sampler steps of each
+regeneration; default the remember set's). The same detector refuses surrogates that are copies of
+their target: a generated one is rebuilt (other edit seeds, then stronger edits), a given one is
+refused.
 
 A job writes, next to its output ``NAME.safetensors`` (a LoRA, or with ``adapter: "full"`` every
 weight of the fine-tuned model, see :mod:`unlearn_core.full_weights`):
@@ -52,20 +70,25 @@ from .errors import InputError
 from .files import atomic_path, atomic_write_text, file_sha256, safe_child, tensor_hash
 from .full_weights import save_full_weights
 from .lora import KEY_FORMATS, reproduction_metadata, safetensors_bytes, save_lora
+from .metrics import CopyDetector, PixelCopyDetector, TorchScriptCopyDetector, copy_similarity
 from .model_folders import LoadedModel, ModelCache, ModelSource, locate
 from .previews import save_training_preview
 from .process import ForwardProcess
 from .remember import RememberRequest, generate_remember
-from .sampling import DenoiserSampler
+from .sampling import DenoiserSampler, invert, sample, seeded_noise
 from .seeds import UNRECORDED_SEED
-from .surrogate import build_surrogate
+from .stopping import CheckSettings
+from .surrogate import away_from_copy, build_surrogate
 
 __all__ = ["run_job", "plan_job", "JobPlan", "OUTPUT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
-KNOWN_KEYS = {"model", "targets", "surrogate", "remember", "config", "output", "key_format"}
+KNOWN_KEYS = {"model", "targets", "surrogate", "remember", "config", "output", "key_format", "seeds", "check"}
 SURROGATE_KEYS = {"method", "strength", "steps", "seed"}
 REMEMBER_KEYS = {"generate", "steps"}
+CHECK_KEYS = {"detector", "forget_below", "steps"}
+#: the copy-similarity threshold of each detector when the job gives none
+FORGET_BELOW = {"pixel": 0.6, "sscd": 0.4}
 #: the files a job writes beside its output, by role
 OUTPUT_SUFFIXES = {"training": ".training.safetensors", "preview": ".preview.png", "report": ".report.json"}
 
@@ -125,6 +148,8 @@ class JobPlan:
     targets_path: Path
     surrogate: dict  # method, strength, steps, seed
     remember: dict  # generate, steps
+    check: dict  # detector ("pixel" or a TorchScript path), forget_below, steps
+    seeds: list[int] | None = None  # each target's sampler seed, when the job gives them
 
     def sibling(self, role: str) -> Path:
         """The path of one of the files written beside the output (see OUTPUT_SUFFIXES)."""
@@ -157,9 +182,25 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
         "generate": _number(remember_spec, "generate", 32, int, "remember", 1, 10_000),
         "steps": _number(remember_spec, "steps", 28, int, "remember", 1, 1000),
     }
+    check_spec = _section(job.get("check", {}), "check", CHECK_KEYS)
+    detector = check_spec.get("detector", "pixel")
+    if not isinstance(detector, str) or not detector:
+        raise InputError(f"check.detector={detector!r} must be 'pixel' or the path of an SSCD TorchScript file")
+    if detector != "pixel":
+        detector = str(_path(base_dir, detector, "check.detector"))
+    default_below = FORGET_BELOW["pixel" if detector == "pixel" else "sscd"]
+    check = {
+        "detector": detector,
+        "forget_below": _number(check_spec, "forget_below", default_below, float, "check", 0.01, 1.0),
+        "steps": _number(check_spec, "steps", remember["steps"], int, "check", 1, 1000),
+    }
+    seeds = job.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in seeds)):  # fmt: skip
+        raise InputError(f"seeds={seeds!r} must be a list of whole numbers in [0, 2^63), one per target")
     targets_path = _path(base_dir, job.get("targets"), "targets")
     source = locate(job.get("model", {}), base_dir)
-    return JobPlan(job, config, key_format, output, source, targets_path, surrogate, remember)
+    return JobPlan(job, config, key_format, output, source, targets_path, surrogate, remember, check, seeds)
 
 
 def _read_targets(plan: JobPlan) -> dict[str, torch.Tensor]:
@@ -173,7 +214,48 @@ def _read_targets(plan: JobPlan) -> dict[str, torch.Tensor]:
         raise InputError("'targets' holds NaN/inf values; re-encode the target images")  # before sampling from them
     if "surrogates" not in tensors and plan.surrogate["method"] != "sdedit":
         raise InputError("without surrogates in the targets file, surrogate.method must be 'sdedit'")
+    if "surrogates" in tensors and tensors["surrogates"].shape != targets.shape:
+        raise InputError(f"surrogates {tuple(tensors['surrogates'].shape)} do not match targets {tuple(targets.shape)}; "
+                         "build one surrogate per target at the target's size")  # fmt: skip
+    if "noise" in tensors:
+        if plan.seeds is not None:
+            raise InputError("the targets file holds 'noise' and the job gives 'seeds': give each target's noise one way")
+        if tensors["noise"].shape != targets.shape:
+            raise InputError(f"'noise' {tuple(tensors['noise'].shape)} must match 'targets' {tuple(targets.shape)}: the "
+                             "noise each target's sampler started from")  # fmt: skip
+    if plan.seeds is not None and len(plan.seeds) != len(targets):
+        raise InputError(f"the job gives {len(plan.seeds)} seeds for {len(targets)} targets; give one per target")
     return {key: value.float() for key, value in tensors.items()}
+
+
+def _detector(plan: JobPlan) -> CopyDetector:
+    return PixelCopyDetector() if plan.check["detector"] == "pixel" else TorchScriptCopyDetector(plan.check["detector"])
+
+
+def _target_noise(denoiser, process: ForwardProcess, plan: JobPlan, targets: torch.Tensor, cond: dict,
+                  given: torch.Tensor | None, clip: float | None, detector: CopyDetector) -> tuple[torch.Tensor, list[dict]]:  # fmt: skip
+    """Each target's sampler noise (given, from its seed, or recovered by inversion) and a record
+    per target: where it came from and whether the model regenerates the target from it."""
+    shape, steps = tuple(targets.shape[1:]), plan.check["steps"]
+    if given is not None:
+        noise, sources = given.to(targets), [{"source": "given in the targets file"} for _ in targets]
+    elif plan.seeds is not None:
+        noise = seeded_noise(plan.seeds, shape).to(targets)
+        sources = [{"source": "seed", "seed": seed} for seed in plan.seeds]
+    else:
+        noise = invert(denoiser, process, targets, cond, steps, clip)
+        sources = [{"source": f"recovered by inverting the sampler ({steps} steps)"} for _ in targets]
+    again = sample(denoiser, process, noise, cond, steps, clip=clip)
+    similarity = copy_similarity(detector, again.float(), targets.float()).tolist()
+    for index, (record, score) in enumerate(zip(sources, similarity, strict=True)):
+        record.update(copy_similarity_of_regeneration=score, reproduces=score >= plan.check["forget_below"])
+        if not record["reproduces"]:
+            record["note"] = ("the model does not regenerate this target from this noise, so forgetting it cannot be "
+                              "verified: give the seed or noise its sampler started from")  # fmt: skip
+        if not record["reproduces"] and not plan.config.stop_when_forgotten:  # else the check's baseline says it
+            log.warning("target %d: %s (copy similarity %.3f < %g; noise %s)", index, record["note"], score,
+                        plan.check["forget_below"], record["source"])  # fmt: skip
+    return noise, sources
 
 
 def _check_range(what: str, samples: torch.Tensor, clip: float | None, targets: torch.Tensor) -> dict:
@@ -199,23 +281,47 @@ def _check_range(what: str, samples: torch.Tensor, clip: float | None, targets: 
 
 
 def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
-                   tensors: dict[str, torch.Tensor]) -> tuple[UnlearnData, dict]:  # fmt: skip
-    """The forget targets with surrogates and the remember set: given, or sampled from the model."""
+                   tensors: dict[str, torch.Tensor]) -> tuple[UnlearnData, dict, list[dict], CopyDetector]:  # fmt: skip
+    """The forget targets with surrogates (none a copy of its target) and their noise, and the
+    remember set: given, or sampled from the model. Also the sample ranges, a record per target
+    (its noise's source, its surrogate's rebuilds) and the check's copy detector."""
     model, source = loaded.model, loaded.source
     device = next(model.parameters()).device
     targets = tensors["targets"].to(device)
     forget_cond = {k: v.to(device) for k, v in tensors.items()
-                   if k not in ("targets", "surrogates", "remember") and not k.startswith("remember.")}  # fmt: skip
+                   if k not in ("targets", "surrogates", "remember", "noise") and not k.startswith("remember.")}  # fmt: skip
     denoiser = DiffusersDenoiser(model, process)
-    ranges = {}
+    detector = _detector(plan)
+    copy_at = plan.check["forget_below"]
+
+    def similarity(surrogate, target):
+        return float(copy_similarity(detector, surrogate.float(), target.float())[0])
+
+    ranges, notes = {}, {}
     if "surrogates" in tensors:
         surrogates = tensors["surrogates"].to(device)
+        for index in range(len(targets)):
+            score = similarity(surrogates[index : index + 1], targets[index : index + 1])
+            if score >= copy_at:
+                raise InputError(f"given surrogate {index} is a copy of its target (copy similarity {score:.3f} >= {copy_at:g} "
+                                 f"with the {plan.check['detector']} detector): training towards it cannot forget the target; "
+                                 "edit it more, or leave surrogates out to have them generated")  # fmt: skip
     else:
         spec = plan.surrogate
         sampler = DenoiserSampler(denoiser, process, spec["steps"], source.clip)
-        surrogates = build_surrogate(spec["method"], targets, sampler=sampler, prompt=forget_cond, strength=spec["strength"],
-                                     seed=spec["seed"])  # fmt: skip
+        built = []
+        for index in range(len(targets)):
+            target, prompt = targets[index : index + 1], {k: v[index : index + 1] for k, v in forget_cond.items()}
+
+            def make(strength, seed, target=target, prompt=prompt):
+                return build_surrogate(spec["method"], target, sampler=sampler, prompt=prompt, strength=strength, seed=seed)
+
+            surrogate, notes[index] = away_from_copy(make, target, similarity, copy_at, spec["strength"], spec["seed"],
+                                                     f"the surrogate of target {index}")  # fmt: skip
+            built.append(surrogate)
+        surrogates = torch.cat(built)
         ranges["surrogates"] = _check_range("surrogates", surrogates, source.clip, targets)
+    noise, noise_records = _target_noise(denoiser, process, plan, targets, forget_cond, tensors.get("noise"), source.clip, detector)
     if "remember" in tensors:
         remember = tensors["remember"].to(device)
         remember_cond = {k.removeprefix("remember."): v.to(device) for k, v in tensors.items() if k.startswith("remember.")}
@@ -228,13 +334,17 @@ def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
         request = RememberRequest(remember_cond, UNRECORDED_SEED, count)
         remember, _ = generate_remember(sampler, [request], tuple(targets.shape[1:]))
         ranges["remember"] = _check_range("remember samples", remember, source.clip, targets)
-    data = UnlearnData(ForgetTargets(targets, surrogates, forget_cond), RememberSet(remember, remember_cond))
-    return data, ranges
+    data = UnlearnData(ForgetTargets(targets, surrogates, forget_cond, noise), RememberSet(remember, remember_cond))
+    targets_record = [{"noise": noise_records[index], **({"surrogate": notes[index]} if index in notes else {})}
+                      for index in range(len(targets))]  # fmt: skip
+    return data, ranges, targets_record, detector
 
 
 def _write_training_file(path: Path, data: UnlearnData, metadata: dict[str, str]) -> None:
     """The training data in the targets-file format (sorted keys: the same data gives the same bytes)."""
     tensors = {"targets": data.forget.targets, "surrogates": data.forget.surrogates, "remember": data.remember.samples}
+    if data.forget.noise is not None:
+        tensors["noise"] = data.forget.noise
     tensors.update(data.forget.cond)
     tensors.update({f"remember.{key}": value for key, value in data.remember.cond.items()})
     tensors = {key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}
@@ -261,8 +371,10 @@ def run_job(
     tensors = _read_targets(plan)
     loaded, loaded_now = (models or ModelCache()).get(plan.source)
     process = loaded.source.process(next(loaded.model.parameters()).device)
-    data, ranges = _training_data(loaded, process, plan, tensors)
-    outcome = unlearn_diffusers(loaded.model, process, data, plan.config, callback=callback, should_stop=should_stop)
+    data, ranges, targets_record, detector = _training_data(loaded, process, plan, tensors)
+    check = CheckSettings(detector, plan.check["forget_below"], plan.check["steps"], loaded.source.clip)
+    outcome = unlearn_diffusers(loaded.model, process, data, plan.config, callback=callback, should_stop=should_stop,
+                                check=check)  # fmt: skip
 
     given_remember = "remember" in tensors
     remember_source = {"given": tensor_hash(data.remember.samples.cpu())} if given_remember else dict(plan.remember)
@@ -294,6 +406,9 @@ def run_job(
         "model_loaded": loaded_now,
         "targets_sha256": file_sha256(plan.targets_path),
         "samples": {"clip": loaded.source.clip, **ranges},
+        "targets": targets_record,
+        "check": {**plan.check, "measure": f"copy similarity ({detector.name}) of a regeneration to its target"},
+        "verification": outcome.training.verification,
         "files": {path.name: file_sha256(path) for path in (weights, training, preview)},
     }
     base_model = {**loaded.source.describe(), "files_sha256": loaded.fingerprint}

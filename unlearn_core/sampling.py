@@ -27,7 +27,7 @@ from .denoiser import Conditioning, Denoiser
 from .errors import InputError
 from .process import ForwardProcess
 
-__all__ = ["Sampler", "DenoiserSampler", "SamplingGrid", "sample", "step_to", "seeded_noise", "slerp"]
+__all__ = ["Sampler", "DenoiserSampler", "SamplingGrid", "sample", "invert", "step_to", "seeded_noise", "slerp"]
 
 
 class SamplingGrid(Protocol):
@@ -127,6 +127,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float | torch.Tensor) -> tor
     return (torch.sin((1 - weight) * angle) * a + torch.sin(weight * angle) * b) / torch.sin(angle)
 
 
+def _x0(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, clip: float | None) -> torch.Tensor:
+    """The sampler's x0 estimate: the denoiser's, clamped to [-clip, clip] when asked."""
+    x0_hat = denoiser.predict_x0(x, t, cond)
+    return x0_hat if clip is None else x0_hat.clamp(-clip, clip)
+
+
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,
@@ -162,11 +168,44 @@ def sample(
     x = noise if init is None else process.add_noise(init, noise, ts[0].expand(n))
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
         t_batch, next_batch = t.expand(n).to(noise.device), t_next.expand(n).to(noise.device)
-        x0_hat = denoiser.predict_x0(x, t_batch, cond)
-        if clip is not None:
-            x0_hat = x0_hat.clamp(-clip, clip)
-        x = step_to(process, x, x0_hat, t_batch, next_batch)
+        x = step_to(process, x, _x0(denoiser, x, t_batch, cond, clip), t_batch, next_batch)
         if keep is not None:
             known = keep if float(t_next) == 0 else process.add_noise(keep, noise, next_batch)
             x = keep_mask * x + (1 - keep_mask) * known
+    return x
+
+
+@torch.no_grad()
+def invert(
+    denoiser: Denoiser,
+    process: ForwardProcess,  # with a SamplingGrid
+    image: torch.Tensor,
+    cond: Conditioning,
+    steps: int = 20,
+    clip: float | None = None,
+    refine: int = 3,
+) -> torch.Tensor:
+    """The noise from which :func:`sample` (same ``steps`` and ``clip``) makes ``image``: its grid
+    walked backwards (flow ODE / DDIM inversion), for a target that comes without its noise.
+
+    Each backward step starts from the usual inversion guess (the update of :func:`step_to` with
+    the model evaluated at the lower level, at ``t_min`` for the clean end) and then corrects it
+    ``refine`` times by the fixed-point iteration :math:`x' \\leftarrow x' + (x - S(x'))`, where
+    :math:`S` is the sampler's own step back down: an exact inverse makes :math:`S(x') = x`.
+    The caller must still check that the noise reproduces the image (the model may not have
+    made it, or the fixed point may not exist): see :func:`~unlearn_core.provider` jobs.
+    """
+    if steps < 1:
+        raise InputError(f"inversion needs at least one step, got {steps}")
+    ts = process.sampling_ts(steps).flip(0)  # 0 -> 1
+    n = len(image)
+    x = image
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        t_eval = torch.clamp(t, min=process.t_min).expand(n).to(image.device)
+        next_batch = t_next.expand(n).to(image.device)
+        guess = step_to(process, x, _x0(denoiser, x, t_eval, cond, clip), t_eval, next_batch)
+        for _ in range(refine):
+            back = step_to(process, guess, _x0(denoiser, guess, next_batch, cond, clip), next_batch, t.expand(n).to(image.device))
+            guess = guess + (x - back)
+        x = guess
     return x

@@ -16,6 +16,7 @@ model being unlearned, with whichever sampler its host has.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from .masks import checked_mask
 from .metrics import at_size, ssim
 from .sampling import Sampler
 
-__all__ = ["SURROGATE_KINDS", "SAMPLED_KINDS", "build_surrogate", "flipped", "noised", "surrogate_similarity"]
+__all__ = ["SURROGATE_KINDS", "SAMPLED_KINDS", "build_surrogate", "flipped", "noised", "surrogate_similarity", "away_from_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +92,50 @@ def noised(target: torch.Tensor, std: float = 0.1, seed: int = 0) -> torch.Tenso
 def surrogate_similarity(target: torch.Tensor, surrogate: torch.Tensor) -> float:
     """SSIM of two images (3, H, W) in [0, 1]; the surrogate is resized to the target to compare."""
     return float(ssim(target.float().unsqueeze(0), at_size(surrogate, target).clamp(0, 1)))
+
+
+#: how far a surrogate that is still a copy of its target is rebuilt: other edit seeds first (the
+#: mildest edit that is not a copy), then stronger edits in these steps up to a full repaint
+REBUILD_SEEDS = 3
+REBUILD_STRENGTH_STEP = 0.1
+
+
+def away_from_copy(
+    make: Callable[[float, int], torch.Tensor],
+    target: torch.Tensor,
+    similarity: Callable[[torch.Tensor, torch.Tensor], float],
+    copy_at: float,
+    strength: float,
+    seed: int,
+    what: str = "the surrogate",
+) -> tuple[torch.Tensor, dict]:
+    """A surrogate of one target that the copy detector does not call a copy of it.
+
+    Training towards a copy cannot forget anything (the check would never see the target go),
+    so ``make(strength, seed)`` is called with the given edit, then with the next
+    :data:`REBUILD_SEEDS` - 1 seeds, then likewise at strengths raised by
+    :data:`REBUILD_STRENGTH_STEP` up to 1; the first result with ``similarity(result, target) < copy_at`` is returned with a note of
+    what was tried. None qualifying is an :class:`InputError` saying what to change.
+    """
+    tried = []
+    strengths = [strength]
+    while strengths[-1] < 1.0 - 1e-9:
+        strengths.append(min(1.0, round(strengths[-1] + REBUILD_STRENGTH_STEP, 6)))
+    # an edit from the target's own noise at strength 1 samples the target again, so every
+    # strength tries several seeds
+    attempts = [(s, seed + i) for s in strengths for i in range(REBUILD_SEEDS)]
+    for attempt_strength, attempt_seed in attempts:
+        surrogate = make(attempt_strength, attempt_seed)
+        score = float(similarity(surrogate, target))
+        tried.append({"strength": attempt_strength, "seed": attempt_seed, "copy_similarity": score})
+        if score < copy_at:
+            note = {"strength": attempt_strength, "seed": attempt_seed, "copy_similarity": score, "copy_at": copy_at,
+                    "rebuilt": len(tried) > 1, "tried": tried}  # fmt: skip
+            if len(tried) > 1:
+                log.warning("%s was a copy of its target (copy similarity %.3f >= %g at strength %g, seed %d); rebuilt "
+                            "at strength %g, seed %d (%.3f)", what, tried[0]["copy_similarity"], copy_at, strength, seed,
+                            attempt_strength, attempt_seed, score)  # fmt: skip
+            return surrogate, note
+    raise InputError(f"{what} stays a copy of its target (copy similarity >= {copy_at:g}) at every edit tried "
+                     f"(seeds {seed} to {seed + REBUILD_SEEDS - 1}, strengths {strength:g} to 1): training towards a copy "
+                     "cannot forget it; give an edited surrogate, inpaint the undesired region, or raise the copy threshold")  # fmt: skip

@@ -217,12 +217,17 @@ def test_each_node_refuses_bad_input_with_the_fix_and_writes_nothing(comfy, node
     assert_same_weights(context["model"], weights)
 
 
-def test_a_surrogate_identical_to_its_target_warns_in_both_nodes(comfy, node, context, caplog):
+def test_a_surrogate_identical_to_its_target_is_refused_by_build_and_warned_of_by_training(comfy, node, context, caplog):
+    """Build Surrogate never hands training a copy of its target; a forget set that carries one
+    anyway (edited by hand) trains with a warning."""
+    from instance_unlearn.nodes.targets import Target
+    from instance_unlearn.unlearn_core.errors import InputError
+
     files, weights = tree(comfy["base"]), snapshot(context["model"])
-    with caplog.at_level(logging.WARNING):
-        targets, _, _ = run(node["surrogate"], **surrogate(method="noise", noise_std=0.0)(context))
-    assert "identical to its target: nothing to learn; raise the strength" in caplog.text
-    caplog.clear()
+    with pytest.raises(InputError, match="copy of its target .* edit it more, or use sdedit/inpaint"):
+        run(node["surrogate"], **surrogate(method="noise", noise_std=0.0)(context))
+    built = context["trained"]
+    targets = built.with_targets([Target(**{**t.__dict__, "surrogate_latent": t.latent.clone()}) for t in built.targets])
     with caplog.at_level(logging.WARNING):
         run(node["train"], **train(lora_name="", steps=1)(context) | {"targets": targets})
     assert "identical to its target: nothing to learn" in caplog.text and "raise the surrogate strength" in caplog.text

@@ -24,8 +24,10 @@ from ..data import UnlearnData
 from ..denoiser import Conditioning
 from ..errors import InputError
 from ..lora import LoraLayer, LoraWeights, reproduction_metadata
+from ..objectives import BasePrediction
 from ..process import ForwardProcess
 from ..split_gradients import LayerGradientSplit
+from ..stopping import CheckSettings, sampler_check
 from ..trainer import Callback, TrainResult, train_unlearning
 
 __all__ = [
@@ -75,12 +77,15 @@ class DiffusersDenoiser:
         process: ForwardProcess,
         parameters=None,
         gradient_split: LayerGradientSplit | None = None,
+        base_predict_x0: BasePrediction | None = None,
     ):
         self.model = model
         self.process = process
         self.kind = model_kind(model)
         self._parameters = parameters
         self.gradient_split = gradient_split
+        #: the frozen base model's prediction (the adapter off), for ``remember_target="base"``
+        self.base_predict_x0 = base_predict_x0
 
     def raw_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         timestep = self.process.model_timestep(t).to(x_t.device)
@@ -152,8 +157,32 @@ class AttachedLora:
         return LayerGradientSplit([(m.lora_A[ADAPTER], m.lora_B[ADAPTER]) for _, m in self.layers()])
 
     def denoiser(self, process: ForwardProcess, split: bool = True) -> DiffusersDenoiser:
-        """The model with this LoRA as trainable parameters (``split``: one-pass gradients)."""
-        return DiffusersDenoiser(self.model, process, self.parameters(), self.gradient_split() if split else None)
+        """The model with this LoRA as trainable parameters (``split``: one-pass gradients); its
+        base prediction is the same model with the LoRA switched off."""
+        denoiser = DiffusersDenoiser(self.model, process, self.parameters(), self.gradient_split() if split else None)
+
+        def base_predict_x0(x_t, t, cond):
+            with self.switched_off():
+                return denoiser.predict_x0(x_t, t, cond)
+
+        denoiser.base_predict_x0 = base_predict_x0
+        return denoiser
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """The base model's outputs for the duration: every LoRA layer passes its input through
+        the base layer alone (peft's adapter switch; the LoRA tensors and their flags stay)."""
+        layers = [module for _, module in self.layers()]
+        flags = [p.requires_grad for p in self.parameters()]
+        for module in layers:
+            module.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for module in layers:
+                module.enable_adapters(True)
+            for param, flag in zip(self.parameters(), flags, strict=True):
+                param.requires_grad_(flag)
 
     def weights(self) -> LoraWeights:
         layers = {}
@@ -240,14 +269,25 @@ def unlearn_diffusers(
     config: UnlearnConfig,
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    check: CheckSettings | None = None,
 ) -> UnlearnOutcome:
-    """Unlearn ``data.forget`` from a diffusers model; the model itself is left as it was."""
+    """Unlearn ``data.forget`` from a diffusers model; the model itself is left as it was.
+
+    With ``check`` (how to judge a regeneration) and the targets' noise known, training stops
+    once every target is verified forgotten (``config.stop_when_forgotten``)."""
     model_kind(model)
+
+    def train(denoiser: DiffusersDenoiser) -> TrainResult:
+        verify = None
+        if check is not None and config.stop_when_forgotten:
+            verify = sampler_check(denoiser, process, data.forget, check, config.check_margin, config.check_nearby, config.seed)
+        return train_unlearning(denoiser, process, data, config, callback, should_stop, check=verify)
+
     if config.adapter == "full":
         trained = copy.deepcopy(model)
         trained.requires_grad_(True)
         with gradient_checkpointing(trained, config.gradient_checkpointing):
-            result = train_unlearning(DiffusersDenoiser(trained, process), process, data, config, callback, should_stop)
+            result = train(DiffusersDenoiser(trained, process, base_predict_x0=DiffusersDenoiser(model, process).predict_x0))
         trained.requires_grad_(False)
         return UnlearnOutcome(training=result, finetuned=trained)
     with (
@@ -256,8 +296,7 @@ def unlearn_diffusers(
     ):
         # Checkpointing re-runs blocks in the backward pass; the split would keep every LoRA
         # input alive across the whole forward and undo the memory it saves, so use two passes.
-        denoiser = lora.denoiser(process, split=not config.gradient_checkpointing)
-        result = train_unlearning(denoiser, process, data, config, callback, should_stop)
+        result = train(lora.denoiser(process, split=not config.gradient_checkpointing))
         weights = lora.weights()
     weights.metadata.update(reproduction_metadata(config, data, model_kind(model)))  # callers add what they know
     return UnlearnOutcome(training=result, lora=weights)

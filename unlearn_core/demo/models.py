@@ -239,13 +239,15 @@ def load_flags_model(folder: str | Path | None = None) -> tuple[torch.nn.Module,
 # --------------------------------------------------------------------------- shapes DDPM
 
 
-def draw_shape(generator: torch.Generator, size: int = SHAPES_SIZE) -> torch.Tensor:
-    """One random shape (circle, square or triangle) on a plain background, (3, size, size) in [-1, 1].
+def draw_shape(generator: torch.Generator, size: int = SHAPES_SIZE, kind: str | None = None) -> torch.Tensor:
+    """One random shape (circle, square or triangle; ``kind`` when given) on a plain background,
+    (3, size, size) in [-1, 1].
 
     Colours, position and size are random; foreground and background are kept clearly apart.
     """
     y, x = _grid(size)
-    kind = SHAPE_KINDS[int(torch.randint(len(SHAPE_KINDS), (), generator=generator))]
+    drawn = SHAPE_KINDS[int(torch.randint(len(SHAPE_KINDS), (), generator=generator))]  # drawn either way: same stream
+    kind = drawn if kind is None else kind
     background = torch.rand(3, generator=generator)
     while True:  # a foreground colour that stands out from the background
         foreground = torch.rand(3, generator=generator)

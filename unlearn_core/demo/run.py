@@ -33,6 +33,7 @@ from ..previews import save_png, tile_grid
 from ..remember import RememberRequest, generate_remember
 from ..sampling import DenoiserSampler, seeded_noise
 from ..seeds import MAX_REMEMBER, preserve_seeds
+from ..stopping import CheckSettings
 from ..surrogate import SAMPLED_KINDS, build_surrogate
 
 __all__ = ["DemoSettings", "LabelSampler", "run_demo", "generate"]
@@ -174,7 +175,10 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
                        RememberSet(remember.clamp(-1, 1), cond_fn(remember_labels)))  # fmt: skip
 
     # 5. train the unlearning LoRA
-    outcome = unlearn_diffusers(model, process, data, settings.config, callback=callback)
+    to_images = lambda samples: to_unit(samples.clamp(-1, 1))  # noqa: E731
+    check = CheckSettings(demo_model.flag_copy_detector(classifier), settings.forget_threshold, settings.sample_steps,
+                          to_images=to_images)  # fmt: skip
+    outcome = unlearn_diffusers(model, process, data, settings.config, callback=callback, check=check)
     train_seconds = outcome.training.seconds
     lora = outcome.lora
     metadata = reproduction_metadata(
@@ -189,7 +193,6 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
     replays = [Replay(record.id, to_unit(target[0]), tuple(target.shape[1:]), target_label, target_seed)]
     held_out = [HeldOut(integrity_labels, integrity_seeds, tuple(target.shape[1:]),
                         [{"prompt": classes[label], "seed": seed} for label, seed in zip(integrity_labels, integrity_seeds, strict=True)])]  # fmt: skip
-    to_images = lambda samples: to_unit(samples.clamp(-1, 1))  # noqa: E731
     base = regenerate(sampler, to_images, replays, held_out)
     with lora_attached(model, weights=lora):
         unlearned = regenerate(sampler, to_images, replays, held_out)
@@ -213,8 +216,9 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
         "after": {"classified_as": classes[int(after_predicted[0])], "confidence": float(after_confidence[0])},
         "surrogate": {"method": settings.surrogate, "strength": settings.strength,
                       "ssim_to_target": float(ssim(to_unit(surrogate), to_unit(target)))},  # fmt: skip
-        "training": {"steps": settings.config.steps, "seconds": train_seconds,
-                     "final": outcome.training.final, "config": settings.config.to_dict()},  # fmt: skip
+        "training": {"steps": outcome.training.steps, "max_steps": settings.config.steps, "seconds": train_seconds,
+                     "final": outcome.training.final, "verification": outcome.training.verification,
+                     "config": settings.config.to_dict()},  # fmt: skip
         "evaluation": asdict(evaluation),
         "preserve_check": check.as_dict(),
         "thresholds": check.summary["thresholds"],

@@ -1,12 +1,13 @@
 // Live loss chart on the Instance Unlearn LoRA node, fed by the node's unlearn.progress events
-// (nodes/progress.py): forget and remember loss per step, step/total and the ETA.
+// (nodes/progress.py): forget and remember loss per step, step/total and the ETA, and a green mark
+// at each forgetting check that found more targets gone (verified stopping).
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 const NODE_TYPE = "InstanceUnlearn_TrainLoRA";
 const EVENT = "unlearn.progress";
 const HEIGHT = 140;
-const COLOURS = { forget: "#ff6b6b", remember: "#4dabf7", text: "#ddd", grid: "#333", background: "#1e1e1e" };
+const COLOURS = { forget: "#ff6b6b", remember: "#4dabf7", gone: "#51cf66", text: "#ddd", grid: "#333", background: "#1e1e1e" };
 const charts = new WeakMap(); // node -> chart state (dropped with the node)
 
 function formatEta(seconds) {
@@ -65,6 +66,15 @@ function draw(chart) {
   };
   line(forget.filter(Number.isFinite), COLOURS.forget);
   line(remember.filter(Number.isFinite), COLOURS.remember);
+  context.strokeStyle = COLOURS.gone;
+  context.setLineDash([3, 3]);
+  for (const step of chart.gone) {
+    context.beginPath();
+    context.moveTo(x(step - 1), top);
+    context.lineTo(x(step - 1), height - 6);
+    context.stroke();
+  }
+  context.setLineDash([]);
 }
 
 // Events carry the executing node's id; inside a subgraph it is a path "outer:inner". Looked up
@@ -86,10 +96,18 @@ function onProgress(event) {
   if (data.step === 0) {
     chart.forget = [];
     chart.remember = [];
+    chart.gone = [];
+    chart.forgotten = 0;
   }
   if (Number.isFinite(data.total)) chart.total = data.total;
+  if (Number.isFinite(data.forgotten)) {
+    if (data.forgotten > chart.forgotten) chart.gone.push(data.step);
+    chart.forgotten = data.forgotten;
+    chart.canvas.dataset.forgotten = String(data.forgotten);
+  }
   if (data.status === "done") {
-    chart.status = `done: ${chart.forget.length}/${chart.total} steps`;
+    const verified = data.verification ? ` (${data.verification})` : "";
+    chart.status = `done: ${chart.forget.length}/${chart.total} steps${verified}`;
   } else if (data.status === "failed") {
     chart.status = `stopped: ${data.error ?? "error"}`;
   } else {
@@ -118,7 +136,7 @@ app.registerExtension({
     canvas.style.height = `${HEIGHT}px`;
     canvas.dataset.status = "idle";
     canvas.setAttribute("role", "img");
-    const chart = { canvas, forget: [], remember: [], total: 0, status: "waiting for training" };
+    const chart = { canvas, forget: [], remember: [], gone: [], forgotten: 0, total: 0, status: "waiting for training" };
     canvas.setAttribute("aria-label", `Loss chart: ${chart.status}`);
     charts.set(node, chart);
     const widget = node.addDOMWidget("loss_chart", "unlearn_loss_chart", canvas, {
