@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    base = UnlearnConfig(steps=100, lora_rank=8, forget_batch_size=4, remember_batch_size=4, seed=0)
+    base = UnlearnConfig(steps=100, lora_rank=8, forget_batch_size=4, remember_batch_size=4, seed=0,
+                         remember_target="data")  # its runs predate the base default: their keys hold "data"
     lpips_model = load_lpips()
     out = {"date": time.strftime("%Y-%m-%d"), "protocol": "effectiveness.py sweep: 3 sweep targets, 100 steps, seed 0; table: its main rows' protocol",
            "variants": {name: {"controller": v[0], "params": v[1]} for name, v in VARIANTS.items()}, "models": {}, "table": {}}  # fmt: skip

@@ -8,7 +8,8 @@ stops once it is forgotten with the margin at two checks in a row; ``--steps`` i
 
 Rows (``ROWS``): ours with the remember loss on the data or on the base model's own prediction,
 at a fixed rate or starting low and raised while the target is still produced, and SISS at its
-main row's scale with the same stop. Each row also records the steps it took, the step the target
+main rows' scales with the same stop; beside them the fixed-step main rows of
+``effectiveness_<model>.json`` (every method at its swept rate, 100 steps). Each row also records the steps it took, the step the target
 was forgotten at, and the check's share of the training time (the stopping overhead).
 
 Every finished run is one JSON line in ``benchmarks/results/verified_stopping/<model>.jsonl``
@@ -50,8 +51,6 @@ log = logging.getLogger("verified_stopping")
 
 RECORDS = RESULTS / "verified_stopping"
 TRAIN_SEEDS = (0, 1)
-#: the fixed-step rows these are compared with: effectiveness_<model>.json's main rows
-FIXED_ROWS = ("ours", "siss_0.1", "siss_0.5")
 
 
 def _stop(name, objective="surrogate", **overrides):
@@ -70,6 +69,13 @@ ROWS = {
                                        remember_batch_size=16), 1e-3),
     "ours_stop_base_rb16_raise_3e-4": (_stop("ours + stop + raise, remember on base, remember batch 16", remember_target="base",
                                              remember_batch_size=16, rate_schedule="raise"), 3e-4),
+    "ours_stop_base_rb16_raise50_1e-3": (_stop("ours + stop + raise after 50, remember on base, remember batch 16",
+                                               remember_target="base", remember_batch_size=16, rate_schedule="raise",
+                                               raise_after=50), 1e-3),
+    "ours_stop_base_rb16_g2_1e-3": (_stop("ours + stop, remember on base, remember batch 16, gamma 2", remember_target="base",
+                                          remember_batch_size=16, gamma=2.0), 1e-3),
+    "ours_stop_base_rb16_g2_nearby4_1e-3": (_stop("ours + stop (4 nearby probes), remember on base, remember batch 16, gamma 2",
+                                                  remember_target="base", remember_batch_size=16, gamma=2.0, check_nearby=4), 1e-3),
     "siss_0.1_stop": (_stop("SISS, scale 0.1, + stop", "siss", siss_scale=0.1), 1e-3),
     "siss_0.5_stop": (_stop("SISS, scale 0.5, + stop", "siss", siss_scale=0.5), 1e-2),
 }
@@ -94,6 +100,13 @@ def overhead(runs: list[dict]) -> dict:
             "check_share_of_training_mean": statistics.fmean(shares) if shares else None}  # fmt: skip
 
 
+def fixed_rows(model_name: str) -> dict:
+    """The fixed-step main rows these are compared with (each method at its swept rate, 100 steps):
+    effectiveness_<model>.json's, as that script wrote them."""
+    path = RESULTS / f"effectiveness_{model_name}.json"
+    return json.loads(path.read_text())["main"] if path.is_file() else {}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["flags", "shapes"], choices=list(SETUPS))
@@ -106,7 +119,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    base = UnlearnConfig(steps=args.steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, seed=0)
+    base = UnlearnConfig(steps=args.steps, lora_rank=8, forget_batch_size=4, remember_batch_size=4, seed=0,
+                         remember_target="data")  # its runs predate the base default: their keys hold "data"
     lpips_model = load_lpips()
     report = {"date": time.strftime("%Y-%m-%d"), "max_steps": args.steps, "config": base.to_dict(), "models": {}}
     for model_name in args.models:
@@ -123,9 +137,11 @@ def main(argv=None) -> int:
             if runs is None:
                 continue
             rows[name] = {**main_row(ROWS[name][0].name, ROWS[name][1], runs), **overhead(runs)}
-        report["models"][model_name] = {"targets": targets, "threshold": FORGET_THRESHOLD[model_name], "rows": rows}
-        print(f"\n### {model_name}: {len(targets)} targets, + stop (at most {args.steps} steps)\n")
-        print_rows(rows.values())
+        fixed = fixed_rows(model_name)
+        report["models"][model_name] = {"targets": targets, "threshold": FORGET_THRESHOLD[model_name], "rows": rows,
+                                        "fixed_step_rows": fixed}  # fmt: skip
+        print(f"\n### {model_name}: {len(targets)} targets, + stop (at most {args.steps} steps); fixed-step main rows below\n")
+        print_rows([*rows.values(), *fixed.values()])
         print("\n| row | steps taken | forgotten at | check time / training time |\n|---|---|---|---|")
         for entry in rows.values():
             cells = [entry["steps_taken_mean"], entry["forgotten_at_mean"], entry["check_share_of_training_mean"]]

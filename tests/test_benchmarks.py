@@ -138,16 +138,21 @@ def test_effectiveness_run_keys_move_only_with_what_changes_a_run(tmp_path):
     import torch
 
     bench = load_benchmark("effectiveness")
-    setup = type("Setup", (), {"name": "shapes", "model": torch.nn.Linear(1, 1)})()
+    setup = type("Setup", (), {"name": "shapes", "model": torch.nn.Linear(1, 1), "check_steps": None})()
     runs = bench.Bench(setup, tmp_path, UnlearnConfig(steps=5), 5, None)
     neggrad = bench.SETTINGS["neggrad"]  # no surrogate: the key needs no sampling
 
     def key(**options):
-        runs.base = replace(UnlearnConfig(steps=5), **options)
+        runs.base = replace(UnlearnConfig(steps=5, remember_target="data"), **options)  # the records' remember target
         return runs.key(neggrad, 1e-3, (0, 3), 0, 5)
 
     assert key() == key(dtype="float32") == key(optimizer="adamw")
     assert len({key(), key(dtype="bfloat16"), key(optimizer="adamw_8bit"), key(steps=6)}) == 4
+    # without the forgetting check every step trains, as before verified stopping: its options move nothing ...
+    assert key() == key(stop_when_forgotten=False) == key(check_every=3)
+    assert key() != key(remember_target="base")  # ... but a different remember target does
+    runs.verified = True  # with the check they are part of what the run did
+    assert len({key(), key(stop_when_forgotten=False), key(check_every=3)}) == 3
 
 
 def test_adaptive_balance_controllers_set_the_cap_as_written():

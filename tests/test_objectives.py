@@ -69,7 +69,8 @@ def toy_data(seed: int = 0) -> UnlearnData:
 
 
 def ours(**options) -> SurrogateUnlearning:
-    config = UnlearnConfig(forget_batch_size=8, remember_batch_size=8, **options)
+    """Ours with the remember half on the data (these tests score it against the samples)."""
+    config = UnlearnConfig(forget_batch_size=8, remember_batch_size=8, **{"remember_target": "data", **options})
     objective = make_objective(config, RectifiedFlow())
     assert isinstance(objective, SurrogateUnlearning)
     return objective
@@ -224,7 +225,8 @@ def test_every_option_of_ours_changes_the_training():
 
     def trained(**options):
         denoiser = MemorisingDenoiser(data.forget.targets[0].clone())
-        config = UnlearnConfig(steps=5, learning_rate=0.01, forget_batch_size=4, remember_batch_size=4, **options)
+        config = UnlearnConfig(steps=5, learning_rate=0.01, forget_batch_size=4, remember_batch_size=4,
+                               **{"remember_target": "data", **options})  # the toy has no adapter to switch off
         history = train_unlearning(denoiser, RectifiedFlow(), data, config).history
         return torch.cat([denoiser.bias.detach().flatten(), denoiser.slope.detach().flatten()]), history
 
@@ -253,7 +255,8 @@ def test_every_option_of_ours_changes_the_training():
 
     def trained_on_inputs(**options):
         denoiser = InputReadingDenoiser(data.forget.targets[0].clone())
-        config = UnlearnConfig(steps=5, learning_rate=0.01, forget_batch_size=4, remember_batch_size=4, **options)
+        config = UnlearnConfig(steps=5, learning_rate=0.01, forget_batch_size=4, remember_batch_size=4, remember_target="data",
+                               **options)  # fmt: skip
         train_unlearning(denoiser, RectifiedFlow(), noisy_data, config)
         return denoiser.gain.detach().flatten()
 

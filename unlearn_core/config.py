@@ -112,9 +112,9 @@ class UnlearnConfig:
     method: str = _help("surrogate (ours), or a baseline for comparison: neggrad, erasediff, siss",
                         choices=OBJECTIVES, default="surrogate")  # fmt: skip
     steps: int = _help("optimizer steps; with stop_when_forgotten the most it may take (the paper used 100 for SD3)",
-                       low=1, high=1_000_000, hint="zero steps would train nothing", default=100)  # fmt: skip
+                       low=1, high=1_000_000, hint="zero steps would train nothing", default=200)  # fmt: skip
     learning_rate: float = _help("AdamW learning rate", low=0, low_open=True, high=0.1, step=1e-5, round=1e-7,
-                                 hint="LoRA unlearning uses about 1e-4 to 1e-2", default=3e-3)  # fmt: skip
+                                 hint="LoRA unlearning uses about 1e-4 to 1e-2", default=1e-3)  # fmt: skip
     stop_when_forgotten: bool = _help("verified stopping: every check_every steps regenerate each target from its "
                                       "own and nearby noises and stop once every one is forgotten with check_margin "
                                       "at two checks in a row (needs a forgetting check; README: verified stopping)",
@@ -141,7 +141,7 @@ class UnlearnConfig:
     )
     forget_batch_size: int = _help("forget samples (noise draws of the targets) per step",
                                    low=1, high=4096, default=4)  # fmt: skip
-    remember_batch_size: int = _help("remember samples per step", low=1, high=4096, default=4)
+    remember_batch_size: int = _help("remember samples per step", low=1, high=4096, default=16)
     weighting: str = _help("lambda(t) schedule: power (t^gamma) or constant",
                            choices=WEIGHTINGS, default="power")  # fmt: skip
     gamma: float = _help("exponent of the power schedule; larger forgets only at high noise and keeps more of the "
@@ -156,7 +156,7 @@ class UnlearnConfig:
     remember_target: str = _help("what the remember loss pulls towards: data (the remember samples) or base (the "
                                  "frozen base model's own prediction at the same noisy input: zero at the start, it "
                                  "penalises any drift of other outputs; one more forward pass without gradients)",
-                                 choices=REMEMBER_TARGETS, default="data")  # fmt: skip
+                                 choices=REMEMBER_TARGETS, default="base")  # fmt: skip
     remember_weight: str = _help("weight of the remember loss: full (at every t) or complement (1 - lambda(t))",
                                  choices=REMEMBER_WEIGHTS, default="full")  # fmt: skip
     balance: str = _help("bound the forget gradient relative to the remember gradient before surgery: scale "

@@ -83,8 +83,7 @@ class DemoSettings:
     # different flags <= 0.88 (measured on 48 samples), so below 0.9 the target is gone
     forget_threshold: float = 0.9
     integrity_ssim_min: float = 0.85
-    config: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(
-        steps=150, learning_rate=3e-3, lora_rank=8, forget_batch_size=8, remember_batch_size=8, gamma=1.0, seed=0))  # fmt: skip
+    config: UnlearnConfig = field(default_factory=UnlearnConfig)  # the library's defaults, as a user gets them
 
     def __post_init__(self):
         if self.surrogate not in SAMPLED_KINDS:  # the demo makes its surrogate with the model
