@@ -74,6 +74,8 @@ ROWS = {
                                                raise_after=50), 1e-3),
     "ours_stop_base_rb16_g2_1e-3": (_stop("ours + stop, remember on base, remember batch 16, gamma 2", remember_target="base",
                                           remember_batch_size=16, gamma=2.0), 1e-3),
+    "ours_stop_base_rb16_nearby4_1e-3": (_stop("ours + stop (4 nearby probes), remember on base, remember batch 16",
+                                               remember_target="base", remember_batch_size=16, check_nearby=4), 1e-3),
     "ours_stop_base_rb16_g2_nearby4_1e-3": (_stop("ours + stop (4 nearby probes), remember on base, remember batch 16, gamma 2",
                                                   remember_target="base", remember_batch_size=16, gamma=2.0, check_nearby=4), 1e-3),
     "siss_0.1_stop": (_stop("SISS, scale 0.1, + stop", "siss", siss_scale=0.1), 1e-3),

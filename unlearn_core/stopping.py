@@ -100,8 +100,8 @@ class ForgettingCheck:
     """Regenerates each target from its own and nearby noises and judges it with a copy detector.
 
     ``targets`` (N, ...) are the outputs to forget as the detector sees them (``regenerate``'s
-    output space) and ``noise`` (N, ...) the sampler noise each was made from (its input space). ``seed`` fixes the nearby probes' fresh noise, so every check asks the same
-    question.
+    output space) and ``noise`` (N, ...) the sampler noise each was made from (its input space).
+    ``seed`` fixes the nearby probes' fresh noise, so every check asks the same question.
     """
 
     def __init__(self, regenerate: Regenerate, targets: torch.Tensor, noise: torch.Tensor, detector: CopyDetector,
