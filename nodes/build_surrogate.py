@@ -129,8 +129,11 @@ class BuildSurrogate(io.ComfyNode):
                 return build_surrogate(method, latent, sampler=sampler, prompt=prompt, strength=edit_strength, seed=edit_seed,
                                        mask=mask, edited=edited, noise_std=noise_std)  # fmt: skip
 
-            def copy_score(surrogate, _target, target_image=target_image):
-                return float(copy_similarity(detector, at_size(host.decoder(vae)(surrogate)[0], target_image), target_image)[0])
+            decoded = {}  # the last surrogate judged is the one kept: its image is reused below
+
+            def copy_score(surrogate, _target, target_image=target_image, decoded=decoded):
+                decoded["image"] = host.decode(vae, surrogate)[0]
+                return float(copy_similarity(detector, at_size(images.to_core(decoded["image"]), target_image), target_image)[0])
 
             try:
                 if method in SAMPLED_KINDS:
@@ -145,7 +148,7 @@ class BuildSurrogate(io.ComfyNode):
                                          "forget the target; edit it more, or use sdedit/inpaint")  # fmt: skip
             except InputError as error:
                 raise InputError(f"target {index} ({target.id}): {error}") from None
-            surrogate_image = host.decode(vae, surrogate)[0]
+            surrogate_image = decoded["image"]
             score = surrogate_similarity(images.to_core(target.image), images.to_core(surrogate_image))
             line = f"target {index} ({target.id}): SSIM(target, surrogate) = {score:.3f}, copy similarity {note['copy_similarity']:.3f}"
             if note["rebuilt"]:

@@ -202,8 +202,7 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             "forget_loss": [h["forget_loss"] for h in result.history],
             "remember_loss": [h["remember_loss"] for h in result.history],
         }
-        checked = [h for h in result.history if "forgotten" in h]
-        if checked:  # targets forgotten at each check, held until the next one
+        if any("forgotten" in h for h in result.history):  # targets forgotten at each check, held until the next one
             count, series = 0.0, []
             for h in result.history:
                 count = h.get("forgotten", count)

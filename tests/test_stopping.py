@@ -32,11 +32,11 @@ def test_probes_are_the_own_noise_then_nearby_ones_over_the_range():
 
 
 class Drifting:
-    """A model whose regenerations move away from their target as ``drift`` grows, per probe:
-    probe p's output is the target plus drift * (its noise) * (p + 1), so nearby probes go first."""
+    """A model whose regenerations move away from their target as ``drift`` grows: each output is
+    the target plus drift times its probe's noise."""
 
-    def __init__(self, targets: torch.Tensor, weights: tuple[float, ...]):
-        self.targets, self.weights, self.drift, self.calls = targets, weights, 0.0, []
+    def __init__(self, targets: torch.Tensor):
+        self.targets, self.drift, self.calls = targets, 0.0, []
 
     def __call__(self, noise, index):
         self.calls.append(len(noise))
@@ -51,7 +51,7 @@ def test_the_check_counts_only_probes_the_base_model_copies_and_stages_the_nearb
     generator = torch.Generator().manual_seed(0)
     targets = torch.rand(2, 3, 8, 8, generator=generator)
     noise = torch.randn(2, 3, 8, 8, generator=generator)
-    model = Drifting(targets, probe_weights(2))
+    model = Drifting(targets)
     check = _check(model, targets, noise)
     baseline = check.baseline()
     assert baseline.counted.all() and check.verifiable == [True, True]  # drift 0: every probe is the target
@@ -70,7 +70,7 @@ def test_a_target_the_base_model_does_not_copy_from_its_noise_cannot_be_verified
     generator = torch.Generator().manual_seed(1)
     targets = torch.rand(1, 3, 8, 8, generator=generator)
     noise = torch.randn(1, 3, 8, 8, generator=generator)
-    model = Drifting(targets, probe_weights(1))
+    model = Drifting(targets)
     model.drift = 10.0  # the "base" model already makes something else from this noise
     check = _check(model, targets, noise, nearby=1)
     check.baseline()
@@ -81,7 +81,7 @@ def test_a_target_the_base_model_does_not_copy_from_its_noise_cannot_be_verified
 def test_the_margin_keeps_a_borderline_target_counted_as_produced():
     targets = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    model = Drifting(targets, probe_weights(0))
+    model = Drifting(targets)
     check = _check(model, targets, noise, nearby=0, margin=0.2)
     check.baseline()
     drift = 0.0
