@@ -301,5 +301,7 @@ def test_loss_chart_updates_during_training(page, comfy_server, renderer):
         assert re.fullmatch(rf"Loss chart: step {entry['step']}/{steps}(  ETA \d+ (s|min \d+ s))?", entry["label"]), entry["label"]
     drawings = {hashlib.sha1(entry["drawing"].encode()).hexdigest() for entry in running}
     assert len(drawings) > steps // 2, "the chart is redrawn as the losses arrive"
-    assert shown[-1]["status"] == "done" and shown[-1]["label"] == f"Loss chart: done: {steps}/{steps} steps"
+    # ... and when done, the steps taken and what verified stopping said (this graph connects no VAE)
+    assert shown[-1]["status"] == "done" and shown[-1]["label"] == (
+        f"Loss chart: done: {steps}/{steps} steps (unavailable: no forgetting check was given, so every step was trained)")
     assert (comfy_server.base / "models" / "loras" / "browser" / f"chart_{renderer}.safetensors").is_file()
