@@ -7,10 +7,17 @@ with the same step budget, batch sizes and rank, and is judged on the same seeds
 - forgetting: copy similarity between the target and the same-seed output after unlearning
   (cosine of flag-classifier features for flags, of mean-centred 8x8 pixels for shapes), below
   the stated threshold; *robust* forgetting also asks it of the target's own noise slerped with
-  fresh noise (0.05, 0.1, 0.2) and of the original noise sampled with twice the steps;
+  fresh noise (0.05, 0.1, 0.2) and of the original noise sampled with twice the steps; the
+  *perturbed-prompt* column (where a bench asks for it) samples the target's own noise under its
+  conditioning embedding plus Gaussian noise of 0.1 and 0.2 times the embedding's spread, and
+  counts the probes on which the base model still makes the target;
 - integrity: SSIM, PSNR (and LPIPS when its backbone is available) between base and unlearned
   outputs on 64 non-target seeds;
 - distribution: Fréchet distance between base and unlearned samples in the same feature space.
+
+The visible models of ``visible_models.py`` run by the same rule (``--models vshapes lshapes``);
+lshapes trains and samples in its VAE's latent space, and every figure above is taken on its
+decoded images (``Setup.to_images``), the forgetting check's too.
 
 The rule, written once:
 
@@ -85,9 +92,11 @@ log = logging.getLogger("effectiveness")
 RESULTS = Path(__file__).resolve().parent / "results"
 LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
 RATE_LIMITS = (1e-5, 0.1)  # UnlearnConfig accepts (0, 0.1]
-FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6, "vshapes": 0.6}
-DEFAULT_TARGETS = {"flags": 4, "shapes": 6, "vshapes": 6}  # flags: see DemoSettings.forget_threshold
+FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6, "vshapes": 0.6, "lshapes": 0.6}
+DEFAULT_TARGETS = {"flags": 4, "shapes": 6, "vshapes": 6, "lshapes": 6}  # flags: see DemoSettings.forget_threshold
 SLERPS = (0.05, 0.1, 0.2)
+#: the perturbed-conditioning probes: Gaussian noise on the embedding, times its spread
+COND_NOISE = (0.1, 0.2)
 SWEEP_TARGETS = 3
 CANDIDATES = 12  # ranked targets kept from one scan (flags: 3000 samples, minutes)
 TRAIN_SEEDS = (0, 1)
@@ -97,7 +106,7 @@ BASELINE_ONLY = {"erasediff_eta", "erasediff_noise", "siss_scale"}
 #: options that act only through the forgetting check (or, remember_target, that runs before it
 #: existed did not have): left out of the run keys of benches without the check
 VERIFICATION_ONLY = {"stop_when_forgotten", "check_every", "check_margin", "check_nearby", "rate_schedule", "raise_after",
-                     "raise_factor", "remember_target"}  # fmt: skip
+                     "raise_factor", "remember_target", "repair_when_forgotten", "check_confirmations"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,11 @@ class Setup:
     def generate(self, pairs, lora=None):
         return generate(self.model, self.process, self.cond, [p[0] for p in pairs], [p[1] for p in pairs],
                         self.steps_sample, lora, clip=self.clip)  # fmt: skip
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """The images in [-1, 1] that the benchmark judges, of samples in the model's space (where
+        it trains and samples): the samples themselves for a pixel model."""
+        return samples
 
     def remember_pairs(self, target_label):
         raise NotImplementedError
@@ -269,12 +283,41 @@ class VShapesSetup(ShapesSetup):
         return [(s % 3, 50_000 + s) for s in range(64)]
 
 
-SETUPS = {"flags": FlagsSetup, "shapes": ShapesSetup, "vshapes": VShapesSetup}
+class LShapesSetup(VShapesSetup):
+    """The latent class-conditional rectified-flow shapes model of ``visible_models.py``: it trains
+    and samples in its VAE's latent space, and everything is judged on the decoded 32x32 images
+    (:meth:`to_images`); vshapes' targets, pairs, detector and threshold; a flow's 20 sampler
+    steps, for the sweep and the check too, as on flags."""
+
+    name = "lshapes"
+    steps_sample = 20
+    sweep_steps = 20
+    check_steps = None
+    clip = None
+
+    def __init__(self, latent=None):
+        from visible_models import load_lshapes_model
+
+        self.latent = latent or load_lshapes_model()
+        self.model, self.process = self.latent.transformer, self.latent.process
+        self.detector = PixelCopyDetector(8)
+
+    def cond(self, labels):
+        from visible_models import lshapes_conditioning
+
+        return lshapes_conditioning(labels)
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.latent.decode(samples)
+
+
+SETUPS = {"flags": FlagsSetup, "shapes": ShapesSetup, "vshapes": VShapesSetup, "lshapes": LShapesSetup}
 
 
 def similarity_to(setup, image, target) -> float:
-    """Copy similarity of one model-space image to the target, in the setup's feature space."""
-    return float(copy_similarity(setup.detector, to_unit(image), to_unit(target))[0])
+    """Copy similarity of one model-space sample to the target, in the setup's feature space of
+    their images (decoded, for a latent model)."""
+    return float(copy_similarity(setup.detector, to_unit(setup.to_images(image)), to_unit(setup.to_images(target)))[0])
 
 
 SDEDIT_STRENGTHS = (0.6, 0.7, 0.8, 0.9, 1.0)
@@ -287,6 +330,7 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
     strength of SDEDIT_STRENGTHS whose result the copy detector does not call a copy of the
     target. A surrogate that is still a copy cannot be forgotten towards: at 0.6 four of the nine
     shapes targets' edits are copies (similarity 0.82 to 0.999), and one stays a copy up to 0.9.
+    The visible models edit the same way (lshapes in latent space, judged on the decoded edit).
     ``seed`` is the edit's noise (:meth:`Bench.edit_seed` chooses it)."""
     if kind in ("flip", "noise"):
         return build_surrogate(kind, target, seed=seed).clamp(-1, 1)
@@ -321,6 +365,7 @@ class Bench:
                     self.records[record["key"]] = record
         self.cache: dict = {}
         self.edit_seeds: dict | None = None
+        self.cond_probes = False  # robustness also perturbs the conditioning (records without it are rerun)
 
     def _data(self, pair, steps):
         key = (pair, steps)
@@ -382,6 +427,10 @@ class Bench:
         config["dtype"] = str(compute_dtype(config["dtype"], next(self.setup.model.parameters()).device)).removeprefix("torch.")
         if config.get("optimizer") == "adamw":
             config.pop("optimizer")
+        if config.get("repair_when_forgotten") is False:  # as verified runs recorded it before the repair existed
+            config.pop("repair_when_forgotten")
+        if config.get("check_confirmations") == 2:  # ... and before the confirmations were an option
+            config.pop("check_confirmations")
         if config.get("forget_noise") == "fresh":  # fresh draws ignore the spread, and are what runs did before the option
             config.pop("forget_noise")
             config.pop("own_noise_spread")
@@ -397,7 +446,7 @@ class Bench:
         """The record of one run (from the records file when it is there)."""
         setting, steps = SETTINGS[name], steps or self.final_steps
         key = self.key(setting, lr, pair, seed, steps)
-        if key in self.records and (self.records[key].get("robust") is not None or not robust):
+        if key in self.records and (not robust or self._robust_enough(self.records[key])):
             return self.records[key]
         entry = self._data(tuple(pair), steps)
         label, target_seed = pair
@@ -429,8 +478,9 @@ class Bench:
         record["projected_share"] = statistics.fmean(h.get("projected", 0.0) for h in history)
         after_target = self.setup.generate([tuple(pair)], lora)
         after_others = self.setup.generate(entry["integrity"], lora)
-        evaluation = evaluate(entry["target"], after_target, entry["base_others"], after_others, self.setup.detector,
-                              FORGET_THRESHOLD[self.setup.name], self.lpips_model)  # fmt: skip
+        images = self.setup.to_images  # judged on images: a latent model's are decoded
+        evaluation = evaluate(images(entry["target"]), images(after_target), images(entry["base_others"]), images(after_others),
+                              self.setup.detector, FORGET_THRESHOLD[self.setup.name], self.lpips_model)  # fmt: skip
         record.update(copy_similarity=evaluation.target_copy_similarity[0], forgotten=evaluation.forgotten[0],
                       ssim=evaluation.integrity_ssim, psnr=evaluation.integrity_psnr,
                       lpips=evaluation.integrity_lpips if isinstance(evaluation.integrity_lpips, float) else None,
@@ -438,13 +488,20 @@ class Bench:
         record["robust"] = self.robustness(entry["target"], label, target_seed, lora, steps) if robust else None
         return self._keep(record)
 
+    def _robust_enough(self, record: dict) -> bool:
+        """A record answers a robust run when it has the probes this bench asks for."""
+        if "diverged" in record:  # a diverged run has no output to probe
+            return True
+        robust = record.get("robust")
+        return robust is not None and (not self.cond_probes or "cond" in robust)
+
     def check_settings(self, steps: int) -> CheckSettings | None:
         """The forgetting check of verified runs: the table's own detector and threshold, at the
-        sampler steps the run is judged with."""
+        sampler steps the run is judged with, on the images the table judges (decoded latents)."""
         if not self.verified:
             return None
         return CheckSettings(self.setup.detector, FORGET_THRESHOLD[self.setup.name], self.setup.check_steps or steps,
-                             self.setup.clip, to_images=lambda samples: to_unit(samples.clamp(-1, 1)))  # fmt: skip
+                             self.setup.clip, to_images=lambda samples: to_unit(self.setup.to_images(samples.clamp(-1, 1))))  # fmt: skip
 
     def robustness(self, target, label, seed, lora, steps) -> dict:
         """Copy similarity to the target from nearby noises and another step count, base and unlearned."""
@@ -463,6 +520,33 @@ class Bench:
                                                 clip=self.setup.clip).clamp(-1, 1)  # fmt: skip
             out[name] = {m: similarity_to(self.setup, x, target) for m, x in images.items()}
         out["forgotten"] = all(v["unlearned"] < threshold for v in out.values())
+        if self.cond_probes:
+            out["cond"] = self.cond_robustness(target, label, seed, lora, steps)
+        return out
+
+    def cond_robustness(self, target, label, seed, lora, steps) -> dict | None:
+        """Does the forgotten output come back when the conditioning embedding is perturbed? The
+        target's own noise under its embedding plus Gaussian noise of COND_NOISE times the
+        embedding's spread (as memorization studies probe prompts); only probes the base model
+        still copies from count. None where the conditioning has no embedding (class ids, none)."""
+        cond = self.setup.cond([label])
+        if not any(torch.is_tensor(v) and v.is_floating_point() for v in cond.values()):
+            return None
+        own = seeded_noise([seed], target.shape[1:])
+        generator = torch.Generator().manual_seed(seed + 104_729)
+        out, threshold = {}, FORGET_THRESHOLD[self.setup.name]
+        for sigma in COND_NOISE:
+            perturbed = {k: v + sigma * v.std() * torch.randn(v.shape, generator=generator)
+                         if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}  # fmt: skip
+            images = {}
+            for model_name, weights in (("base", None), ("unlearned", lora)):
+                with lora_attached(self.setup.model, weights=weights) if weights is not None else contextlib.nullcontext():
+                    denoiser = DiffusersDenoiser(self.setup.model, self.setup.process)
+                    images[model_name] = sample(denoiser, self.setup.process, own, perturbed, steps, clip=self.setup.clip).clamp(-1, 1)
+            out[f"cond_{sigma}"] = {m: similarity_to(self.setup, x, target) for m, x in images.items()}
+        counted = [v for v in out.values() if v["base"] >= threshold]
+        out["counted"] = len(counted)
+        out["forgotten"] = all(v["unlearned"] < threshold for v in counted)
         return out
 
     def _keep(self, record: dict) -> dict:
@@ -543,26 +627,34 @@ def summarise(runs: list[dict]) -> dict:
         return {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2}
 
     robust = [r["robust"]["forgotten"] for r in ok if r.get("robust")]
+    cond = [r["robust"]["cond"]["forgotten"] for r in ok if r.get("robust") and (r["robust"].get("cond") or {}).get("counted")]
     return {"runs": len(runs), "diverged": len(runs) - len(ok), "forgotten_fraction": sum(r["forgotten"] for r in ok) / len(runs),
             "robust_forgotten_fraction": (sum(robust) / len(robust)) if robust else None,
+            "cond_robust_forgotten_fraction": (sum(cond) / len(cond)) if cond else None, "cond_robust_runs": len(cond),
             **{key: stat(key) for key in ("copy_similarity", "ssim", "psnr", "lpips", "frechet", "seconds")}}  # fmt: skip
 
 
 def main_row(name: str, lr: float, runs: list[dict]) -> dict:
     """A main row: its runs' summary, how much the training seed moves it, and their record keys."""
     return {"name": name, "learning_rate": lr, "summary": summarise(runs), "ssim_seed_spread": seed_spread(runs, "ssim"),
+            "seed_means": {key: seed_means(runs, key) for key in ("ssim", "psnr")},
             "runs": [r["key"] for r in runs]}  # fmt: skip
 
 
-def seed_spread(runs: list[dict], key: str) -> float | None:
-    """Half the gap between the per-seed means: how much the training seed moves a row."""
+def seed_means(runs: list[dict], key: str) -> dict[int, float]:
+    """Per training seed, the mean of ``key`` over its runs (diverged runs left out)."""
     by_seed = {}
     for r in runs:
         if "diverged" not in r and r.get(key) is not None:
             by_seed.setdefault(r["seed"], []).append(r[key])
-    if len(by_seed) < 2:
+    return {seed: statistics.fmean(v) for seed, v in sorted(by_seed.items())}
+
+
+def seed_spread(runs: list[dict], key: str) -> float | None:
+    """Half the gap between the per-seed means: how much the training seed moves a row."""
+    means = list(seed_means(runs, key).values())
+    if len(means) < 2:
         return None
-    means = [statistics.fmean(v) for v in by_seed.values()]
     return (max(means) - min(means)) / 2
 
 
@@ -650,16 +742,18 @@ def print_tables(model_name: str, table: dict) -> None:
 
 def print_rows(entries) -> None:
     """The table of main rows and ablations, one line per entry."""
-    print("| method | lr | forgotten | robustly forgotten | copy sim. | SSIM | PSNR dB | LPIPS | Fréchet | SSIM seed spread |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | lr | forgotten | robustly forgotten | under a perturbed prompt | copy sim. | SSIM | PSNR dB | LPIPS | Fréchet "
+          "| SSIM seed spread |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for entry in entries:
         s = entry["summary"]
         if "ssim" not in s:
-            print(f"| {entry['name']} | {entry['learning_rate']:g} | diverged | | | | | | | |")
+            print(f"| {entry['name']} | {entry['learning_rate']:g} | diverged | | | | | | | | |")
             continue
         robust = "n/a" if s["robust_forgotten_fraction"] is None else f"{s['robust_forgotten_fraction']:.0%}"
+        cond = "n/a" if s.get("cond_robust_forgotten_fraction") is None else f"{s['cond_robust_forgotten_fraction']:.0%}"
         spread = entry.get("ssim_seed_spread")
-        print(f"| {entry['name']} | {entry['learning_rate']:g} | {s['forgotten_fraction']:.0%} | {robust} | "
+        print(f"| {entry['name']} | {entry['learning_rate']:g} | {s['forgotten_fraction']:.0%} | {robust} | {cond} | "
               f"{_cell(s['copy_similarity'])} | {_cell(s['ssim'])} | {_cell(s['psnr'], 2)} | {_cell(s['lpips'])} | "
               f"{_cell(s['frechet'])} | {'n/a' if spread is None else f'{spread:.3f}'} |")  # fmt: skip
 

@@ -54,6 +54,8 @@ ADDED = {
     "raise_after": "raise_after",
     "raise_factor": "raise_factor",
     "remember_target": "remember_target",
+    "repair_when_forgotten": "repair_when_forgotten",
+    "check_confirmations": "check_confirmations",
 }
 FIELDS = {**FIRST, **ADDED}
 

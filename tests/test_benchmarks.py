@@ -95,6 +95,31 @@ def test_effectiveness_sweep_grows_the_grid_down_while_its_lowest_rate_forgets(m
     assert bench.choose_defaults(tables)["chosen"] == names[0]
 
 
+def test_the_verified_defaults_rule_forgets_first_then_robustly_to_its_resolution_then_integrity():
+    load_benchmark("effectiveness")  # verified_stopping imports it, as it does beside it in benchmarks/
+    verified = load_benchmark("verified_stopping")
+    a, b, c, d = verified.CANDIDATES[:4]
+
+    def row(forgotten, robust, ssim, runs=12):
+        return {"summary": {"runs": runs, "forgotten_fraction": forgotten, "robust_forgotten_fraction": robust / runs,
+                            "ssim": {"mean": ssim}}}  # fmt: skip
+
+    models = {
+        "one": {"rows": {a: row(1, 12, 0.90), b: row(1, 11, 0.95), c: row(1, 9, 0.99), d: row(11 / 12, 12, 0.99)}},
+        "two": {"rows": {a: row(1, 12, 0.80), b: row(1, 12, 0.79), c: row(1, 12, 0.99), d: row(1, 12, 0.99)}},
+    }
+    chosen = verified.choose_default(models)
+    assert d not in chosen["forget_every_target"]  # one run left its target: out first, whatever its integrity
+    assert c not in chosen["robust_within_resolution"]  # three runs fewer robust than the best on "one"
+    # b is one run short on "one" (within the resolution) and falls 0.01 short on "two"; a 0.05 on "one"
+    assert chosen["chosen"] == b
+    models["one"]["rows"][b] = row(1, 10, 0.95)  # two runs short: beyond the resolution
+    assert verified.choose_default(models)["chosen"] == a
+    del models["two"]["rows"][a]  # a candidate without a row on every model is not one: the best robust is now b's 10
+    without_a = verified.choose_default(models)
+    assert a not in without_a["candidates"] and without_a["chosen"] == c
+
+
 def test_gpu_size_benchmark_runs_at_the_tiny_size_on_the_cpu(speed, tmp_path, capsys):
     """The GPU benchmark's smoke run: every trainer and checkpointing setting gives a row."""
     gpu_size = load_benchmark("gpu_size")  # imports speed, as it does beside it in benchmarks/
@@ -149,7 +174,7 @@ def test_effectiveness_run_keys_move_only_with_what_changes_a_run(tmp_path):
     assert key() == key(dtype="float32") == key(optimizer="adamw")
     assert len({key(), key(dtype="bfloat16"), key(optimizer="adamw_8bit"), key(steps=6)}) == 4
     # without the forgetting check every step trains, as before verified stopping: its options move nothing ...
-    assert key() == key(stop_when_forgotten=False) == key(check_every=3)
+    assert key() == key(stop_when_forgotten=False) == key(check_every=3) == key(repair_when_forgotten=False)
     assert key() != key(remember_target="base")  # ... but a different remember target does
     runs.verified = True  # with the check they are part of what the run did
     assert len({key(), key(stop_when_forgotten=False), key(check_every=3)}) == 3
@@ -207,3 +232,72 @@ def test_adaptive_balance_table_reads_the_main_rows_by_their_run_keys(tmp_path, 
     ours = rows["ours @ 0.003 (main row)"]
     assert ours["summary"]["ssim"]["mean"] == pytest.approx(0.85) and ours["ssim_seed_spread"] == pytest.approx(0.05)
     assert rows["siss_0.1 @ 0.001 (main row)"]["summary"]["forgotten_fraction"] == 0.0
+
+
+@pytest.fixture
+def lshapes():
+    """The effectiveness benchmark and an lshapes setup over the untrained VAE and a one-block
+    transformer of the same input and conditioning (quick to sample)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from unlearn_core.demo import models as dm
+
+    bench = load_benchmark("effectiveness")
+    visible = load_benchmark("visible_models")  # the lshapes setup imports it, as beside it in benchmarks/
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=dm.TEXT_DIM,
+                                        caption_projection_dim=16, pooled_projection_dim=dm.POOLED_DIM, pos_embed_max_size=8)  # fmt: skip
+    latent = visible.LatentModel(transformer.eval().requires_grad_(False), visible.lshapes_process(),
+                                 visible.build_lshapes_vae().eval().requires_grad_(False), 0.5)  # fmt: skip
+    return bench, latent, bench.LShapesSetup(latent)
+
+
+def test_pixel_setups_judge_their_samples_and_lshapes_its_decoded_latents(lshapes, tmp_path):
+    """Everything the benchmark compares is an image: a pixel model's samples as they are, the
+    latent model's decoded by its VAE (the forgetting check's regenerations too)."""
+    import torch
+
+    from unlearn_core.metrics import copy_similarity, to_unit
+
+    bench, latent, setup = lshapes
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert bench.ShapesSetup.to_images(None, pixels) is pixels  # the pixel setups share Setup's identity
+    assert all(cls.to_images is bench.Setup.to_images for name, cls in bench.SETUPS.items() if name != "lshapes")
+    latents = torch.randn(2, 4, 8, 8) * 0.3
+    images = setup.to_images(latents)
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    assert torch.equal(images, latent.decode(latents))
+    expected = float(copy_similarity(setup.detector, to_unit(images[:1]), to_unit(images[1:]))[0])
+    assert bench.similarity_to(setup, latents[:1], latents[1:]) == pytest.approx(expected)
+    check = bench.Bench(setup, tmp_path, UnlearnConfig(steps=2), 4, None, verified=True).check_settings(4)
+    assert torch.equal(check.to_images(latents), to_unit(latent.decode(latents.clamp(-1, 1))))
+    pixel_check = bench.Bench(bench.ShapesSetup(), tmp_path, UnlearnConfig(steps=2), 4, None, verified=True).check_settings(4)
+    assert torch.equal(pixel_check.to_images(pixels * 2), to_unit((pixels * 2).clamp(-1, 1)))  # as before the hook
+
+
+def test_lshapes_run_trains_in_latent_space_and_is_judged_on_decoded_images(lshapes, tmp_path):
+    """A verified run end to end: surrogate, training and check on latents; the record's figures
+    from decoded images."""
+    import torch
+
+    from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
+    from unlearn_core.data import ForgetTargets
+    from unlearn_core.stopping import sampler_check
+
+    bench, latent, setup = lshapes
+    judged = []
+    to_images = setup.to_images
+    setup.to_images = lambda samples: judged.append(tuple(samples.shape[1:])) or to_images(samples)
+    setup.remember_pairs = lambda label: [(label, 10_000), (label, 10_001), (0, 20_000), (2, 20_000)]  # fewer: quicker
+    setup.integrity_pairs = lambda target: [(s % 3, 50_000 + s) for s in range(8)]
+    config = UnlearnConfig(steps=2, lora_rank=2, forget_batch_size=1, remember_batch_size=2, check_every=1, seed=0)
+    runs = bench.Bench(setup, tmp_path, config, 4, None, verified=True)
+    record = runs.run("ours", 1e-3, (1, 1))  # the edit surrogate: SDEdit in latent space, judged decoded
+    assert record["steps_taken"] >= 1 and all(math.isfinite(record[k]) for k in ("ssim", "psnr", "frechet", "copy_similarity"))
+    assert set(judged) == {(4, 8, 8)}  # the surrogate's copy check and the figures decoded latents
+    target = setup.generate([(1, 1)])
+    forget = ForgetTargets(target, target, setup.cond([1]), torch.randn(1, 4, 8, 8))
+    check = sampler_check(DiffusersDenoiser(setup.model, setup.process), setup.process, forget, runs.check_settings(4), 0.05, 1)
+    assert check.targets.shape == (1, 3, 32, 32)  # the check embeds the decoded target

@@ -160,6 +160,13 @@ def test_training_stops_two_checks_after_every_target_is_forgotten():
     assert record["baseline"]["own_similarity"][0] > 0.99  # the unchanged base model still makes the target
 
 
+def test_more_confirmations_stop_later_and_repair_longer():
+    result = _train(quick(check_confirmations=3), scale=20.0)
+    first = result.verification["forgotten_at"][0]
+    assert result.verification["stopped_early"] and result.steps == first + 10  # two more checks, 5 steps apart
+    assert result.verification["repair_steps"] == 10
+
+
 def test_without_verified_stopping_every_step_is_trained():
     result = _train(quick(stop_when_forgotten=False), scale=20.0)
     assert result.steps == 60 and not result.verification["stopped_early"]
@@ -171,6 +178,19 @@ def test_a_target_that_stays_produced_trains_to_the_maximum_and_says_so():
     assert result.steps == 20 and not result.verification["stopped_early"]
     assert result.verification["forgotten_at"] == [None]
     assert "not verified" in result.verification["status"]
+
+
+def test_between_the_forgotten_check_and_the_confirming_one_only_the_remember_half_trains():
+    repaired = _train(quick(remember_target="base"), scale=20.0)
+    pushed = _train(quick(remember_target="base", repair_when_forgotten=False), scale=20.0)
+    first = repaired.verification["forgotten_at"][0]
+    assert first is not None and first == pushed.verification["forgotten_at"][0]  # the same run up to there
+    window = repaired.history[first:first + 5]
+    assert [h.get("repairing") for h in repaired.history[:first]] == [None] * first
+    assert all(h.get("repairing") == 1.0 for h in window) and not any("repairing" in h for h in pushed.history)
+    assert repaired.verification["repair_steps"] == sum("repairing" in h for h in repaired.history) >= 5
+    # the repair pulls the other outputs back towards the base model; the forget push moves them further
+    assert repaired.history[first + 4]["remember_loss"] < pushed.history[first + 4]["remember_loss"]
 
 
 def test_the_raise_schedule_lifts_the_rate_while_the_target_is_produced():

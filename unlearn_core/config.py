@@ -117,9 +117,17 @@ class UnlearnConfig:
                                  hint="LoRA unlearning uses about 1e-4 to 1e-2", default=1e-3)  # fmt: skip
     stop_when_forgotten: bool = _help("verified stopping: every check_every steps regenerate each target from its "
                                       "own and nearby noises and stop once every one is forgotten with check_margin "
-                                      "at two checks in a row (needs a forgetting check; README: verified stopping)",
+                                      "at check_confirmations checks in a row (needs a forgetting check; README: verified stopping)",
                                       default=True)  # fmt: skip
     check_every: int = _help("steps between two forgetting checks", low=1, high=100_000, default=10)
+    check_confirmations: int = _help("checks in a row at which every target must be forgotten before training stops "
+                                     "(with repair_when_forgotten, the steps after the first are repair steps)",
+                                     low=1, high=100, default=2)  # fmt: skip
+    repair_when_forgotten: bool = _help("ours: once a check finds every target forgotten, train only the remember half "
+                                        "until the next check, so the confirmation also asks that the forgetting "
+                                        "survives the pull back towards the other outputs, and what the forget push "
+                                        "moved elsewhere is repaired; forget training resumes if a target returns",
+                                        default=True)  # fmt: skip
     check_margin: float = _help("how far below the copy threshold every probe must score to count as forgotten",
                                 low=0, high=0.5, step=0.01, default=0.05)  # fmt: skip
     check_nearby: int = _help("nearby noises per target the check also regenerates (slerped 0.05 to 0.2 from its own)",

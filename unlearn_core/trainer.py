@@ -206,6 +206,7 @@ class _Verification:
         self.check, self.config, self.autocast = check, config, autocast
         self.record: dict = {"enabled": config.stop_when_forgotten, "checks": []}
         self.rule = self.rate = None
+        self.repaired = 0  # steps that trained only the remember half
         if not config.stop_when_forgotten:
             self.record["status"] = "off: trained every step (stop_when_forgotten is false)"
             return
@@ -217,13 +218,19 @@ class _Verification:
             baseline = check.baseline()
         self.record["baseline"] = baseline.summary()
         self.record["verifiable"] = check.verifiable
-        self.rule = StopRule(len(check))
+        self.rule = StopRule(len(check), config.check_confirmations)
         if config.rate_schedule == "raise":
             self.rate = RateRaise(config.learning_rate, config.raise_after, config.raise_factor, ceiling=0.1)
         self.seconds = 0.0
         if not all(check.verifiable):
             self.record["status"] = ("cannot verify every target (the base model does not copy it from its noise): "
                                      "trained every step")  # fmt: skip
+
+    @property
+    def repairing(self) -> bool:
+        """Every target was forgotten at the last check and ours repairs until the next confirms."""
+        return (self.rule is not None and self.rule.streak > 0 and self.config.repair_when_forgotten
+                and self.config.method == "surrogate")  # fmt: skip
 
     def after(self, step: int, optimizer: torch.optim.Optimizer) -> tuple[bool, dict]:
         """Run the check when it is due: (stop now?, metrics for the step's record)."""
@@ -249,8 +256,10 @@ class _Verification:
         if self.rule is not None:
             self.record["forgotten_at"] = list(self.rule.forgotten_at)
             self.record["check_seconds"] = self.seconds
+            self.record["repair_steps"] = self.repaired
             if "status" not in self.record:
-                self.record["status"] = (f"verified: every target forgotten, stopped at step {steps}" if stopped else
+                repaired = f", {self.repaired} of them repair steps" if self.repaired else ""
+                self.record["status"] = (f"verified: every target forgotten, stopped at step {steps}{repaired}" if stopped else
                                          f"not verified: a target is still produced after {steps} steps (the maximum)")  # fmt: skip
             if self.rate is not None:
                 self.record["final_learning_rate"] = self.rate.rate
@@ -314,6 +323,9 @@ def train_unlearning(
                 autocast, step,
             )  # fmt: skip
             update, stats = objective.combine(grads.forget, grads.remember)
+            if verification.repairing:  # the forget push has done its work; only the other outputs are pulled back
+                update, stats = grads.remember, {**stats, "repairing": 1.0}
+                verification.repaired += 1
             norm = float(torch.linalg.vector_norm(update.double()))
             if not math.isfinite(norm):
                 raise TrainingDiverged(step, "gradient")

@@ -177,12 +177,14 @@ def test_the_new_inputs_reach_training(comfy, loaded, node, with_surrogates):
     new = dict(lora_alpha=2.0, grad_clip=0.0, target_modules="qkv", weighting="constant", constant_lambda=0.3,
                forget_space="native", remember_weight="complement", balance="scale", balance_ratio=0.25,
                forget_noise="own", own_noise_spread=0.2, remember_target="data", stop_when_forgotten=False, check_every=3,
-               check_margin=0.1, check_nearby=1, raise_after=7, raise_factor=1.5)  # fmt: skip
+               check_margin=0.1, check_nearby=1, raise_after=7, raise_factor=1.5, repair_when_forgotten=False,
+               check_confirmations=3)  # fmt: skip
     config, lora = trained_config(comfy, node, loaded, with_surrogates, "tests/new_inputs", **new)
     assert config["lora_alpha"] == 2.0 and config["grad_clip"] is None and config["target_modules"] == ["qkv"]
     method_options = ("weighting", "constant_lambda", "forget_space", "remember_weight", "balance", "balance_ratio",
                       "forget_noise", "own_noise_spread", "remember_target", "stop_when_forgotten", "check_every",
-                      "check_margin", "check_nearby", "raise_after", "raise_factor")  # fmt: skip
+                      "check_margin", "check_nearby", "raise_after", "raise_factor", "repair_when_forgotten",
+                      "check_confirmations")  # fmt: skip
     assert {k: config[k] for k in method_options} == {k: new[k] for k in method_options}
     alphas = {k: v for k, v in lora.items() if k.endswith(".alpha")}
     assert alphas and all(float(v) == 2.0 for v in alphas.values()), "the LoRA's alpha is config.effective_alpha"
