@@ -93,7 +93,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
 RATE_LIMITS = (1e-5, 0.1)  # UnlearnConfig accepts (0, 0.1]
 FORGET_THRESHOLD = {"flags": 0.9, "shapes": 0.6, "vshapes": 0.6, "lshapes": 0.6}
-DEFAULT_TARGETS = {"flags": 4, "shapes": 6, "vshapes": 6, "lshapes": 6}  # flags: see DemoSettings.forget_threshold
+DEFAULT_TARGETS = {"flags": 4, "shapes": 6, "vshapes": 6, "lshapes": 6}  # flags: see DemoSettings.forget_threshold  # fmt: skip
 SLERPS = (0.05, 0.1, 0.2)
 #: the perturbed-conditioning probes: Gaussian noise on the embedding, times its spread
 COND_NOISE = (0.1, 0.2)
@@ -311,13 +311,13 @@ class LShapesSetup(VShapesSetup):
         return self.latent.decode(samples)
 
 
-SETUPS = {"flags": FlagsSetup, "shapes": ShapesSetup, "vshapes": VShapesSetup, "lshapes": LShapesSetup}
+SETUPS = {"flags": FlagsSetup, "shapes": ShapesSetup, "vshapes": VShapesSetup, "lshapes": LShapesSetup}  # fmt: skip
 
 
 def similarity_to(setup, image, target) -> float:
     """Copy similarity of one model-space sample to the target, in the setup's feature space of
     their images (decoded, for a latent model)."""
-    return float(copy_similarity(setup.detector, to_unit(setup.to_images(image)), to_unit(setup.to_images(target)))[0])
+    return float(copy_similarity(setup.detector, to_unit(setup.to_images(image)), to_unit(setup.to_images(target)))[0])  # fmt: skip
 
 
 SDEDIT_STRENGTHS = (0.6, 0.7, 0.8, 0.9, 1.0)
