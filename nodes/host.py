@@ -46,11 +46,22 @@ from ..unlearn_core.process import ForwardProcess
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = {ModelType.FLOW: "flow", ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
+# FLUX is ComfyUI's rectified flow with a resolution-dependent shift (Flux.1, Chroma): the same
+# noising as FLOW, with its own model_sampling read from the loaded model
+SUPPORTED_TYPES = {ModelType.FLOW: "flow", ModelType.FLUX: "flow", ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
 
-#: attention projections of MMDiT (SD3/SD3.5: fused qkv + proj per stream) and of UNet/DiT
-#: transformers (separate to_q/k/v/out) — the same set diffusers' SD3 LoRA recipe trains.
-DEFAULT_TARGETS = (r"\.attn2?\.(qkv|proj)$", r"\.(to_q|to_k|to_v|to_out\.0)$")
+#: The default LoRA targets per network (the class of ``model.diffusion_model``): the attention
+#: projections the well-known trainers target, so that every key of a saved LoRA is one the stock
+#: loaders map. MMDiT (SD3 / SD3.5): each stream's fused qkv and proj, diffusers' SD3 recipe. Flux
+#: (Flux.1 dev / schnell, Chroma): the double blocks' image and text attention, and the single
+#: blocks' linear1 (fused qkv and MLP in) and linear2 (attention out and MLP out), as kohya's and
+#: ai-toolkit's Flux LoRAs. UNets (SD1.5 / SDXL) and other DiTs: the separate to_q / k / v / out.
+LORA_TARGETS = {
+    "MMDiT": (r"\.attn2?\.(qkv|proj)$",),
+    "Flux": (r"\.(img|txt)_attn\.(qkv|proj)$", r"\.single_blocks\.\d+\.linear[12]$"),
+    "Chroma": (r"\.(img|txt)_attn\.(qkv|proj)$", r"\.single_blocks\.\d+\.linear[12]$"),
+}
+OTHER_TARGETS = (r"\.(to_q|to_k|to_v|to_out\.0)$",)
 
 
 def model_family(patcher) -> str:
@@ -61,7 +72,7 @@ def model_family(patcher) -> str:
         name = getattr(model_type, "name", type(model).__name__)
         raise InputError(
             f"this model ({type(model).__name__}, type {name}) is not supported: instance unlearning "
-            "handles flow models (SD3, SD3.5, Flux-style) and epsilon/v-prediction diffusion models"
+            "handles rectified-flow models (SD3, SD3.5, Flux.1, Chroma) and epsilon/v-prediction diffusion models"
         )
     return SUPPORTED_TYPES[model_type]
 
@@ -178,13 +189,16 @@ def conditioning_tensors(patcher, conditioning, n: int, latent: torch.Tensor) ->
 
 
 def conditioning_to_store(conditioning, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of a CONDITIONING (text tokens and pooled output) under flat names, for a file."""
+    """The tensors of a CONDITIONING (text tokens, pooled output and Flux's guidance scale, which
+    FluxGuidance sets and a replay needs) under flat names, for a file."""
     if not conditioning:
         return {}
     tensor, extra = conditioning[0][0], conditioning[0][1]
     tensors = {f"{prefix}cross_attn": tensor}
     if isinstance(extra.get("pooled_output"), torch.Tensor):
         tensors[f"{prefix}pooled_output"] = extra["pooled_output"]
+    if isinstance(extra.get("guidance"), (int, float)):
+        tensors[f"{prefix}guidance"] = torch.tensor(float(extra["guidance"]))
     return tensors
 
 
@@ -192,8 +206,12 @@ def conditioning_from_store(tensors: dict[str, torch.Tensor] | None, prefix: str
     """The CONDITIONING stored by :func:`conditioning_to_store` (None when there is none)."""
     if not tensors or f"{prefix}cross_attn" not in tensors:
         return None
-    pooled = tensors.get(f"{prefix}pooled_output")
-    return [[tensors[f"{prefix}cross_attn"], {} if pooled is None else {"pooled_output": pooled}]]
+    extra = {}
+    if f"{prefix}pooled_output" in tensors:
+        extra["pooled_output"] = tensors[f"{prefix}pooled_output"]
+    if f"{prefix}guidance" in tensors:
+        extra["guidance"] = float(tensors[f"{prefix}guidance"])
+    return [[tensors[f"{prefix}cross_attn"], extra]]
 
 
 def process_latent_in(patcher, samples: torch.Tensor) -> torch.Tensor:
@@ -217,9 +235,17 @@ def _is_target(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
-def target_patterns(target_modules: tuple[str, ...] | None) -> tuple[str, ...]:
+def default_targets(patcher) -> tuple[str, ...]:
+    """The network's default LoRA targets (:data:`LORA_TARGETS`)."""
+    for cls in type(patcher.model.diffusion_model).__mro__:  # SD3's network is a subclass of MMDiT
+        if cls.__name__ in LORA_TARGETS:
+            return LORA_TARGETS[cls.__name__]
+    return OTHER_TARGETS
+
+
+def target_patterns(patcher, target_modules: tuple[str, ...] | None) -> tuple[str, ...]:
     if not target_modules:
-        return DEFAULT_TARGETS
+        return default_targets(patcher)
     return tuple(r"(^|\.)" + re.escape(t) + "$" for t in target_modules)
 
 
@@ -243,7 +269,7 @@ def lora_target_names(patcher, rank: int, target_modules: tuple[str, ...] | None
 
     Cheap (no weights are touched), so the node calls it before any sampling or training.
     """
-    patterns = target_patterns(target_modules)
+    patterns = target_patterns(patcher, target_modules)
     names = set()
     for name, module in patcher.model.named_modules():
         weight = getattr(module, "weight", None)
@@ -255,7 +281,7 @@ def lora_target_names(patcher, rank: int, target_modules: tuple[str, ...] | None
         names.add(name)
     if not names:
         raise InputError(
-            f"no layer of this model matches the LoRA targets {list(target_modules or DEFAULT_TARGETS)}; "
+            f"no layer of this model matches the LoRA targets {list(target_modules or default_targets(patcher))}; "
             "leave target_modules empty for the default attention projections"
         )
     return names
@@ -272,8 +298,34 @@ def lora_training_clone(
     """
     model_family(patcher)
     targets = lora_target_names(patcher, rank, target_modules)
-    with non_dynamic(patcher) as source, _loaded_lora_clone(source, targets, rank, alpha, seed) as trained:
+    with (
+        non_dynamic(patcher) as source,
+        _loaded_lora_clone(source, targets, rank, alpha, seed) as trained,
+        _host_training_mode(),
+    ):
         yield trained
+
+
+@contextlib.contextmanager
+def _host_training_mode() -> Iterator[None]:
+    """What backward passes through ComfyUI's networks need, undone on exit.
+
+    - ComfyUI's flag for its own LoRA trainer (0.33; absent before): while it is set, layers
+      pick their differentiable forms (Flux's rotary embedding has a fused inference kernel
+      without a backward pass);
+    - inference-style in-place updates of tensors that autograd saved (Flux's blocks add their
+      residuals with ``+=``) are allowed: torch then keeps a copy of what the update overwrote.
+    """
+    management = comfy.model_management
+    before = getattr(management, "in_training", None)
+    if before is not None:
+        management.in_training = True
+    try:
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            yield
+    finally:
+        if before is not None:
+            management.in_training = before
 
 
 def is_dynamic(patcher) -> bool:
@@ -421,6 +473,48 @@ def ksample_from_noise(patcher, prompt: HostPrompt, noise: torch.Tensor, seed: i
     ).float()  # fmt: skip
 
 
+def invert_to_noise(patcher, prompt: HostPrompt, latent: torch.Tensor, refine: int = 3) -> torch.Tensor:
+    """The initial noise (B, C, h, w) from which ComfyUI's Euler sampler, with ``prompt``'s
+    scheduler, steps, cfg and conditionings, makes the raw LATENT samples ``latent``: its sigma
+    schedule walked backwards, for a target whose seed is unknown (an image loaded into ComfyUI).
+
+    The walk runs inside ComfyUI's own sampling (as a custom sampler over the reversed
+    schedule), so the guided prediction is the one the sampler uses: cfg, negative, model
+    patches. Each backward step is the usual inversion guess, corrected ``refine`` times by the
+    fixed-point iteration of :func:`~unlearn_core.sampling.invert` (an exact inverse of the
+    Euler step makes the step back land on where the walk came from). Another sampler, or a
+    latent the model did not make, gives a noise that may not reproduce it: the forgetting
+    check's baseline says so.
+    """
+    sampling = patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, prompt.scheduler, prompt.steps).cpu()
+    reached: list[torch.Tensor] = []
+
+    def walk_back(model, x, up, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+
+        def slope(x, sigma):  # the Euler sampler's d = (x - denoised) / sigma
+            return (x - model(x, sigma * x.new_ones([len(x)]), **extra_args)) / sigma
+
+        for sigma, sigma_next in zip(up[:-1], up[1:], strict=True):
+            # the clean end has no slope of its own: the first guess takes the one at the next level
+            guess = x + slope(x, sigma if float(sigma) > 0 else sigma_next) * (sigma_next - sigma)
+            for _ in range(refine):
+                guess = guess + (x - (guess + slope(guess, sigma_next) * (sigma - sigma_next)))
+            x = guess
+        reached.append(x.float())
+        return x
+
+    latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
+    comfy.sample.sample_custom(
+        patcher, torch.zeros_like(latent), prompt.cfg, comfy.samplers.KSAMPLER(walk_back), sigmas.flip(0), prompt.positive,
+        prompt.negative or zero_conditioning(prompt.positive), latent, disable_pbar=True, seed=0,
+    )  # fmt: skip
+    # ComfyUI starts a full denoise from noise_scaling(sigma_max, noise, 0): the reached level over that scale
+    scale = sampling.noise_scaling(sigmas[:1].float(), torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), max_denoise=True)
+    return (reached[0].cpu() / scale.reshape(1, 1, 1, 1)).float()
+
+
 #: how a target with no recorded sampler settings is regenerated
 DEFAULT_SAMPLING = {"steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"}
 
@@ -464,6 +558,9 @@ class HostSampler:
     def generate(self, prompt: HostPrompt, seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         empty = torch.zeros(1, *shape)
         return torch.cat([self._sample(prompt, int(seed), empty) for seed in seeds])
+
+    def generate_from_noise(self, prompt: HostPrompt, noise: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ksample_from_noise(self.patcher, prompt, row[None], 0) for row in noise])
 
     def edit(self, prompt: HostPrompt, image: torch.Tensor, strength: float, seed: int,
              mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

@@ -21,6 +21,7 @@ from ..unlearn_core.preserve import (
 from ..unlearn_core.seeds import preserve_seeds as held_out_seeds
 from ..unlearn_core.seeds import target_seed
 from . import host, images, paths, provenance
+from .forgetting_check import target_noises
 from .targets import TargetsType
 
 
@@ -44,7 +45,8 @@ class PreserveCheck(io.ComfyNode):
             display_name="Preserve Check",
             category="unlearn/evaluation",
             description=(
-                "Regenerates every target (its recorded seed, settings and negative) and a preserve set "
+                "Regenerates every target (its recorded seed, settings and negative; without a seed, from "
+                "the noise recovered by inverting the sampler) and a preserve set "
                 "(held-out seeds of the same prompts, plus optional extra prompts) with the base and the "
                 "unlearned model. First proves that the base model reproduces each target (SSIM of its "
                 "regeneration to the target); a target it does not reproduce is reported as 'cannot verify' "
@@ -100,13 +102,19 @@ class PreserveCheck(io.ComfyNode):
         for index, target in enumerate(targets.targets):
             if target.conditioning is None:
                 raise InputError(f"target {index} has no conditioning; connect it to Mark Undesired Output")
-            shape = (tuple(target.latent.shape) if target.latent is not None
-                     else host.latent_shape(base_model, vae, *target.image.shape[:2]))  # fmt: skip
+        # a target without the seed that made it is replayed from the noise that training recovered too
+        noises, noise_sources = target_noises(base_model, targets, steps, vae)
+        for index, (target, noise, source) in enumerate(zip(targets.targets, noises, noise_sources, strict=True)):
+            shape = tuple(noise.shape)
             seed = target.provenance.get("seed")
             batch_index = int(target.provenance.get("batch_index", 0) or 0)
             replay = host.replay_prompt(target.provenance, target.conditioning, target.negative, steps, batch_index)
-            replays.append(Replay(target.id, images.to_core(target.image), shape, replay, None if seed is None else int(seed),
-                                  tuple(provenance.replay_problems(target.provenance))))  # fmt: skip
+            problems = tuple(provenance.replay_problems(target.provenance))
+            if source["source"] == "seed":
+                replays.append(Replay(target.id, images.to_core(target.image), shape, replay, int(seed), problems))
+            else:
+                replays.append(Replay(target.id, images.to_core(target.image), shape, replay, None, problems, noise=noise,
+                                      noise_source=source["source"]))  # fmt: skip
             prompts = [("target", target.conditioning)]
             if extra_conditioning is not None and index == 0:
                 prompts.append(("extra", extra_conditioning))

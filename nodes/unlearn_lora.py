@@ -18,7 +18,7 @@ from ..unlearn_core.remember import RememberRequest, generate_remember, split_co
 from ..unlearn_core.seeds import MAX_REMEMBER, target_seed
 from ..unlearn_core.trainer import train_unlearning
 from . import config_inputs, host, paths
-from .forgetting_check import forgetting_check
+from .forgetting_check import forgetting_check, target_noises
 from .progress import TrainingProgress
 from .targets import TargetsType, UnlearnTargets
 
@@ -48,21 +48,10 @@ def check_targets(targets: UnlearnTargets) -> None:
         raise InputError(f"targets have different latent sizes {sorted(shapes)}: unlearn each size in its own run")
 
 
-def sampling_noises(model, targets: UnlearnTargets) -> torch.Tensor | None:
-    """The noise each target was sampled from, when every target's is known: a recorded seed and
-    a full denoise (an output made from an input image did not start from its seed's noise)."""
-    noises = []
-    for target in targets.targets:
-        seed, denoise = target.provenance.get("seed"), target.provenance.get("denoise")
-        if seed is None or (denoise is not None and float(denoise) < 1.0):
-            return None
-        noises.append(host.sampling_noise(model, tuple(target.latent.shape), int(seed), int(target.provenance.get("batch_index", 0))))
-    return torch.stack(noises)
-
-
 def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_conditionings: list,
-               config: UnlearnConfig) -> UnlearnData:  # fmt: skip
-    """Latents in the network's space and per-sample conditioning tensors for the core trainer."""
+               noise: torch.Tensor) -> UnlearnData:  # fmt: skip
+    """Latents in the network's space, per-sample conditioning tensors and each target's sampler
+    noise (:func:`~.forgetting_check.target_noises`) for the core trainer."""
     forget_latents = torch.stack([t.latent for t in targets.targets]).float()
     surrogate_latents = torch.stack([t.surrogate_latent for t in targets.targets]).float()
     if remember.shape[1:] != forget_latents.shape[1:]:
@@ -75,10 +64,6 @@ def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_
     x_remember = host.process_latent_in(model, remember)
     forget_cond = concat([host.conditioning_tensors(model, t.conditioning, 1, x_forget[:1]) for t in targets.targets])
     remember_cond = concat([host.conditioning_tensors(model, c, 1, x_forget[:1]) for c in remember_conditionings])
-    noise = sampling_noises(model, targets)
-    if noise is None and config.forget_noise == "own":
-        log.warning("forget_noise=own, but a target has no recorded seed (or was made at denoise < 1), so the noise it "
-                    "was sampled from is unknown: training draws fresh noise, as with forget_noise=fresh")  # fmt: skip
     return UnlearnData(ForgetTargets(x_forget, x_surrogate, forget_cond, noise), RememberSet(x_remember, remember_cond))
 
 
@@ -162,7 +147,8 @@ class InstanceUnlearnLoRA(io.ComfyNode):
             remember, prompts = generate_remember(host.HostSampler(model), remember_requests(targets, remember_count, remember_steps), shape)
             remember_conditionings = [prompt.positive for prompt in prompts]
             remember_source = {"generate": remember_count, "steps": remember_steps, "seeds": "target seed + 1, + 2, ..."}
-        data = build_data(model, targets, remember, remember_conditionings, config)
+        noise, noise_sources = target_noises(model, targets, remember_steps)
+        data = build_data(model, targets, remember, remember_conditionings, noise)
         process = host.training_process(model)
         progress = TrainingProgress(cls.hidden.unique_id, config.steps)
         progress.start()
@@ -179,13 +165,13 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                     check = forgetting_check(clone, vae, targets, data.forget.noise, remember_steps, copy_detector,
                                              forget_threshold, config.check_margin, config.check_nearby, config.seed)  # fmt: skip
                     if check is None:
-                        log.warning("verified stopping needs %s: every step is trained",
-                                    "the VAE connected" if vae is None else "each target's recorded seed")  # fmt: skip
+                        log.warning("verified stopping needs the VAE connected: every step is trained")
                 result = train_unlearning(denoiser, process, data, config, callback=progress, check=check)
                 weights = host.lora_weights(model, adapters)
         except BaseException as error:
             progress.finish("failed", error=str(error) or type(error).__name__)
             raise
+        result.verification["noise"] = noise_sources
         if path is not None:
             metadata = lora_metadata(config, model, targets, data, remember_source)
             metadata["unlearn.verification"] = json.dumps(result.verification, sort_keys=True)

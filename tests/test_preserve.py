@@ -7,10 +7,13 @@ from unlearn_core.errors import InputError
 from unlearn_core.metrics import FeatureCopyDetector, PixelCopyDetector, copy_similarity, ssim
 from unlearn_core.preserve import (
     PreservePair,
+    Replay,
     TargetImages,
     Thresholds,
     check_preservation,
     evaluate,
+    paired,
+    regenerate,
 )
 
 THRESHOLDS = Thresholds(forget_below=0.7, integrity_at_least=0.85)
@@ -135,3 +138,27 @@ def test_the_check_needs_targets_and_held_out_outputs():
         check_preservation([], pairs(1), PixelCopyDetector(), THRESHOLDS)
     with pytest.raises(InputError, match="at least one preserve seed"):
         check_preservation([TargetImages("t", target, target, target)], [], PixelCopyDetector(), THRESHOLDS)
+
+
+class NoiseSampler:
+    """Each output is its noise (or its seed, as a constant): what the core asked of it shows."""
+
+    def generate(self, prompt, seeds, shape):
+        return torch.stack([torch.full(shape, float(seed)) for seed in seeds])
+
+    def generate_from_noise(self, prompt, noise):
+        return noise.clone()
+
+
+def test_a_target_without_a_seed_is_regenerated_from_its_recovered_noise_and_the_row_names_it():
+    noise = torch.rand(3, 8, 8)
+    replays = [Replay("seeded", picture(0), (3, 8, 8), "p", 2), Replay("recovered", picture(1), (3, 8, 8), "p", None, noise=noise,
+                                                                  noise_source="recovered by inverting the sampler"),
+               Replay("lost", picture(2), (3, 8, 8), "p", None)]  # fmt: skip
+    made = regenerate(NoiseSampler(), lambda x: x, replays, [])
+    assert torch.equal(made.targets[0], torch.full((3, 8, 8), 2.0)) and torch.equal(made.targets[1], noise)
+    assert made.targets[2] is None
+    targets, _ = paired(replays, [], made, made)
+    rows = check_preservation(targets, pairs(2), PixelCopyDetector(), Thresholds(0.5, 0.5)).targets
+    assert rows[1]["noise"] == "recovered by inverting the sampler" and rows[1]["seed"] is None
+    assert "noise" not in rows[0] and rows[2]["forgotten"] is None

@@ -30,6 +30,14 @@ def test_same_seed_same_image_whatever_the_batch(setup):
     assert torch.equal(first, again) and torch.isfinite(first).all()
 
 
+def test_generating_from_a_seed_s_noise_is_generating_from_the_seed(setup):
+    denoiser, cond, shape = setup
+    sampler = DenoiserSampler(denoiser, denoiser.process, steps=4)
+    from_seeds = sampler.generate(cond, [3, 4], shape)
+    assert torch.equal(sampler.generate_from_noise(cond, seeded_noise([3, 4], shape)), from_seeds)
+    assert not torch.equal(sampler.generate_from_noise(cond, seeded_noise([4, 3], shape)), from_seeds)
+
+
 def test_sdedit_strength_moves_further_from_the_target(setup):
     denoiser, cond, shape = setup
     target = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1)) * 2 - 1

@@ -100,7 +100,7 @@ def _result(step, forgotten):
 
 
 def test_stopping_needs_every_target_forgotten_at_two_checks_in_a_row():
-    rule = StopRule(2)
+    rule = StopRule(2, confirmations=2)
     assert not rule.update(_result(10, [True, False]))
     assert not rule.update(_result(20, [True, True]))
     assert rule.forgotten_at == [10, 20]
@@ -151,7 +151,7 @@ def quick(**overrides):
 
 
 def test_training_stops_two_checks_after_every_target_is_forgotten():
-    result = _train(quick(), scale=20.0)
+    result = _train(quick(check_confirmations=2), scale=20.0)
     record = result.verification
     assert record["stopped_early"] and result.steps < 60
     assert record["forgotten_at"][0] is not None

@@ -122,7 +122,7 @@ class UnlearnConfig:
     check_every: int = _help("steps between two forgetting checks", low=1, high=100_000, default=10)
     check_confirmations: int = _help("checks in a row at which every target must be forgotten before training stops "
                                      "(with repair_when_forgotten, the steps after the first are repair steps)",
-                                     low=1, high=100, default=2)  # fmt: skip
+                                     low=1, high=100, default=3)  # fmt: skip
     repair_when_forgotten: bool = _help("ours: once a check finds every target forgotten, train only the remember half "
                                         "until the next check, so the confirmation also asks that the forgetting "
                                         "survives the pull back towards the other outputs, and what the forget push "

@@ -51,7 +51,9 @@ __all__ = ["Replay", "HeldOut", "Regenerated", "regenerate", "paired", "TargetIm
 @dataclass(frozen=True)
 class Replay:
     """What regenerates one target: its image (3, H, W) in [0, 1], the sampler's latent shape, and
-    the prompt and seed that made it (seed None: it cannot be regenerated, ``not_regenerated`` says why)."""
+    the prompt and seed that made it; without a seed, the sampler ``noise`` (``shape``) recovered
+    for it (``noise_source`` says how); with neither it cannot be regenerated (``not_regenerated``
+    says why)."""
 
     id: str
     image: torch.Tensor
@@ -60,6 +62,8 @@ class Replay:
     seed: int | None
     replay_problems: tuple[str, ...] = ()
     not_regenerated: str = "no recorded seed, the target cannot be regenerated"
+    noise: torch.Tensor | None = None
+    noise_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,12 @@ def regenerate(sampler: Sampler, to_images: Callable[[torch.Tensor], torch.Tenso
                held_out: list[HeldOut]) -> Regenerated:  # fmt: skip
     """Every image the check compares, from one model; ``to_images`` maps the sampler's latents to
     images (B, 3, H, W) in [0, 1]."""
-    targets = [None if r.seed is None else to_images(sampler.generate(r.prompt, [r.seed], r.shape))[0] for r in replays]
+    def replayed(r: Replay) -> torch.Tensor | None:
+        if r.seed is not None:
+            return to_images(sampler.generate(r.prompt, [r.seed], r.shape))[0]
+        return None if r.noise is None else to_images(sampler.generate_from_noise(r.prompt, r.noise[None]))[0]
+
+    targets = [replayed(r) for r in replays]
     others = [image for h in held_out for image in to_images(sampler.generate(h.prompt, h.seeds, h.shape))]
     return Regenerated(targets, others)
 
@@ -94,7 +103,7 @@ def paired(replays: list[Replay], held_out: list[HeldOut], base: Regenerated,
            unlearned: Regenerated) -> tuple[list[TargetImages], list[PreservePair]]:  # fmt: skip
     """The inputs of :func:`check_preservation` from the base and the unlearned model's regenerations."""
     targets = [
-        TargetImages(r.id, r.image, before, after, r.seed, r.replay_problems, r.not_regenerated)
+        TargetImages(r.id, r.image, before, after, r.seed, r.replay_problems, r.not_regenerated, r.noise_source)
         for r, before, after in zip(replays, base.targets, unlearned.targets, strict=True)
     ]
     labels = [label for h in held_out for label in h.labels]
@@ -118,6 +127,7 @@ class TargetImages:
     seed: int | None = None
     replay_problems: tuple[str, ...] = ()
     not_regenerated: str = "the target cannot be regenerated"
+    noise_source: str | None = None  # how its noise was found when it has no seed
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,8 @@ def evaluate(
 
 def _target_row(target: TargetImages, detector: CopyDetector, thresholds: Thresholds, semantic) -> dict:
     row = {"target": target.id, "seed": target.seed, "measure": detector.name}
+    if target.noise_source is not None:
+        row["noise"] = target.noise_source
     if target.base is None or target.unlearned is None:
         return {**row, "reproduced": False, "forgotten": None, "note": f"cannot verify forgetting: {target.not_regenerated}"}
     reference = target.image.float().unsqueeze(0)

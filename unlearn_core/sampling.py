@@ -58,6 +58,11 @@ class Sampler(Protocol):
         and prompt always give the same output, whatever else is in the batch."""
         ...
 
+    def generate_from_noise(self, prompt: Any, noise: torch.Tensor) -> torch.Tensor:
+        """One output per row of ``noise`` (B, *shape), the sampler's initial noise: a target whose
+        seed is unknown, regenerated from the noise recovered for it."""
+        ...
+
     def edit(self, prompt: Any, image: torch.Tensor, strength: float, seed: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``image`` (B, *shape) noised to ``strength`` with the seed's noise and denoised under
         ``prompt`` (SDEdit); with ``mask`` (1 = regenerate) only that region changes (inpainting)."""
@@ -81,6 +86,10 @@ class DenoiserSampler:
             noise = seeded_noise(chunk, shape).to(_device(self.denoiser, prompt))
             outputs.append(sample(self.denoiser, self.process, noise, cond, self.steps, clip=self.clip))
         return torch.cat(outputs)
+
+    @torch.no_grad()
+    def generate_from_noise(self, prompt: Conditioning, noise: torch.Tensor) -> torch.Tensor:
+        return sample(self.denoiser, self.process, noise.to(_device(self.denoiser, prompt)), prompt, self.steps, clip=self.clip)
 
     def edit(self, prompt: Conditioning, image: torch.Tensor, strength: float, seed: int,
              mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

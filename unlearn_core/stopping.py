@@ -4,7 +4,7 @@ A fixed (learning rate, steps) pair cannot suit every model and target: an easy 
 after a few steps and every step after that only costs the other outputs, a hard one needs more.
 So the trainer asks a :class:`ForgettingCheck` every ``check_every`` steps whether each target is
 still produced, and :class:`StopRule` ends training once the answer is *no* for every target,
-with a margin, at two checks in a row (``steps`` becomes the maximum).
+with a margin, at ``check_confirmations`` checks in a row (``steps`` becomes the maximum).
 
 The check regenerates each target the way the preserve check does, with the model as it is now
 (the adapter on): from the noise the target was sampled from (its own *probe*) and from a few
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 #: how far the nearby probes stray from a target's own noise (slerp weights towards fresh noise)
 NEARBY_RANGE = (0.05, 0.2)
 #: checks in a row at which every target must be forgotten before training stops
-CONFIRMATIONS = 2
+CONFIRMATIONS = 3
 
 #: regenerate(noise (M, *shape), target_index (M,)) -> the current model's outputs for those
 #: noises under each target's conditioning, in the space the detector embeds

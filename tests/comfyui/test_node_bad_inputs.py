@@ -143,7 +143,7 @@ SURROGATE_CASES = [
     Case("sdedit without conditioning", surrogate("no_conditioning"), "this target has no conditioning",
          "connect the conditioning that produced it"),
     Case("a model type the method cannot handle", surrogate(model=lambda c: c["unsupported"]), "Cascade, type .* is not supported",
-         "handles flow models .* and epsilon/v-prediction"),
+         "handles rectified-flow models .* and epsilon/v-prediction"),
 ]  # fmt: skip
 
 
@@ -169,7 +169,7 @@ TRAIN_CASES = [
     Case("unknown method", train(method="esd"), "method='esd'", "is not one of: .*surrogate"),
     Case("unknown dtype", train(dtype="float8"), "dtype='float8'", "is not one of: .*float32"),
     Case("a model type the method cannot handle", train(model=lambda c: c["unsupported"]), "is not supported",
-         "handles flow models"),
+         "handles rectified-flow models"),
     *[Case(f"LoRA name {name!r}", train(lora_name=name), *BAD_NAME) for name in HOSTILE_NAMES],
     Case("remember latents of another size", train(remember_latents=lambda c: {"samples": torch.zeros(2, 16, 4, 4)}),
          r"remember latents \(16, 4, 4\) and targets \(16, 8, 8\) differ", "generate the remember set at the targets' resolution"),

@@ -195,3 +195,19 @@ def test_remember_seeds_and_preserve_seeds_are_disjoint(loaded, node, batch, mon
     held_out = preserve_seeds(31, 3)
     assert remembered == remember_seeds(31, 6)
     assert not set(remembered) & set(held_out)
+
+
+def test_a_target_without_its_seed_is_replayed_from_the_noise_recovered_by_inversion(loaded, node, batch):
+    """An image loaded without its seed (here: the seed dropped) at cfg 4.5 with a negative: the check
+    inverts the guided sampler, the base model reproduces the target from that noise, and the
+    unchanged base model is judged not to have forgotten it."""
+    from dataclasses import replace
+
+    marked = mark(node, loaded, batch, "verdict_seedless", with_negative=True)
+    targets = marked.with_targets([replace(t, provenance={k: v for k, v in t.provenance.items() if k != "seed"})
+                                   for t in marked.targets])  # fmt: skip
+    report, passed = check(node, loaded, targets)
+    row = report["targets"][0]
+    assert row["seed"] is None and row["noise"].startswith("recovered by inverting the sampler")
+    assert row["reproduced"] is True and row["ssim_base_to_target"] > 0.98
+    assert row["forgotten"] is False and passed is False

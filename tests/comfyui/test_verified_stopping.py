@@ -55,6 +55,40 @@ def test_without_the_vae_every_step_is_trained_and_the_file_says_why(comfy, load
     assert "unavailable" in verification["status"] and not verification["stopped_early"]
 
 
+def _without_seed(targets):
+    """The targets as if loaded from image files: no seed recorded."""
+    from dataclasses import replace
+
+    return targets.with_targets([replace(t, provenance={k: v for k, v in t.provenance.items() if k != "seed"})
+                                 for t in targets.targets])  # fmt: skip
+
+
+def test_a_target_without_its_seed_gets_its_noise_back_by_inverting_the_sampler(loaded, with_surrogates):
+    from instance_unlearn.nodes import host, unlearn_lora
+
+    targets = with_surrogates[0]
+    target = targets.targets[0]
+    made_from = host.sampling_noise(loaded["model"], tuple(target.latent.shape), 11, 1)  # the marked output: seed 11, image 1
+    with torch.inference_mode():
+        (noise,), (source,) = unlearn_lora.target_noises(loaded["model"], _without_seed(targets), steps=3)
+        (seeded,), (seed_source,) = unlearn_lora.target_noises(loaded["model"], targets, steps=3)
+    assert source["source"].startswith("recovered by inverting the sampler") and source["why"] == "no recorded seed"
+    assert seed_source == {"source": "seed", "seed": 11, "batch_index": 1} and torch.equal(seeded, made_from)
+    error = float((noise - made_from).norm() / made_from.norm())
+    assert error < 0.05, f"the recovered noise is {error:.3f} (relative) away from the one that made the target"
+
+
+def test_the_check_verifies_a_target_whose_noise_was_recovered(comfy, loaded, node, with_surrogates):
+    """A target that comes without its seed is still verified: the check regenerates it from the
+    recovered noise (the base model copies it there, so it counts) and the file says which noise."""
+    run(node["train"], model=loaded["model"], targets=_without_seed(with_surrogates[0]), vae=loaded["vae"],
+        lora_name="tests/recovered", **CHECKED)  # fmt: skip
+    verification = json.loads(_metadata(comfy["base"] / "models" / "loras" / "tests" / "recovered.safetensors")["unlearn.verification"])
+    assert verification["noise"][0]["source"].startswith("recovered by inverting the sampler")
+    assert verification["verifiable"] == [True] and verification["baseline"]["own_similarity"][0] >= 0.999
+    assert verification["stopped_early"] and verification["forgotten_at"][0] is not None
+
+
 def test_the_host_base_prediction_is_the_model_without_the_adapters(loaded):
     from instance_unlearn.nodes import host
 

@@ -1,4 +1,5 @@
-"""Tiny random-weight SD3 parts for tests: MMDiT (diffusers keys), SD3-style VAE, conditioning."""
+"""Tiny random-weight model parts for tests: the MMDiT of SD3 (diffusers keys), Flux.1 dev (ComfyUI keys),
+an SD3-style VAE (16 latent channels, what both families decode), conditioning."""
 
 from __future__ import annotations
 
@@ -23,6 +24,32 @@ def write_tiny_sd3(path: Path) -> Path:
         pooled_projection_dim=POOLED_DIM, pos_embed_max_size=32,
     )  # fmt: skip
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_tiny_flux(path: Path) -> Path:
+    """Flux.1 dev's layout (guidance input, one double and one single block, hidden 128: ComfyUI's
+    detection fixes the rotary axes at 16 + 56 + 56, so one head of 128) in ComfyUI's own keys,
+    which UNETLoader detects as Flux; the text and pooled widths of :func:`conditioning`."""
+    import dataclasses
+
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    params = dict(in_channels=16, out_channels=16, vec_in_dim=POOLED_DIM, context_in_dim=TEXT_DIM, hidden_size=128,
+                  mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+                  patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])  # fmt: skip
+    known = {f.name for f in dataclasses.fields(FluxParams)}  # 0.3.x has fewer (no txt_ids_dims)
+    network = Flux(image_model="flux", operations=comfy.ops.disable_weight_init, **{k: v for k, v in params.items() if k in known})
+    generator = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, tensor in network.state_dict().items():  # ComfyUI's layers skip initialisation: define every value
+        if tensor.dim() > 1:
+            value = torch.randn(tensor.shape, generator=generator) * 0.02
+        else:
+            value = torch.ones(tensor.shape) if name.endswith(("scale", "weight")) else torch.zeros(tensor.shape)
+        tensors[name] = value.contiguous()
+    save_file(tensors, str(path))
     return path
 
 
