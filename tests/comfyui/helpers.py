@@ -30,11 +30,12 @@ def run(node_cls, hidden: dict | None = None, **inputs):
         return node.execute(**inputs).result
 
 
-def generate(comfy_nodes, model, vae, conditioning, seed: int, batch: int = 2, steps: int = 3, cfg: float = 2.0, negative=None):
+def generate(comfy_nodes, model, vae, conditioning, seed: int, batch: int = 2, steps: int = 3, cfg: float = 2.0, negative=None,
+             channels: int = 16):  # fmt: skip
     """A batch through the stock KSampler and VAEDecode: (latent dict, images); the negative
     defaults to a zeroed prompt."""
     with torch.inference_mode():
-        empty = {"samples": torch.zeros(batch, 16, SIZE // 8, SIZE // 8)}
+        empty = {"samples": torch.zeros(batch, channels, SIZE // 8, SIZE // 8)}
         if negative is None:
             negative = [[torch.zeros_like(conditioning[0][0]), {"pooled_output": torch.zeros_like(conditioning[0][1]["pooled_output"])}]]
         latent = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "sgm_uniform", conditioning, negative, empty)[0]
@@ -62,7 +63,8 @@ def denoiser_output(model, conditioning, seed: int = 5) -> torch.Tensor:
     import comfy.model_management
 
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=generator)
+    channels = model.model.latent_format.latent_channels
+    x = torch.randn(1, channels, SIZE // 8, SIZE // 8, generator=generator)
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model])
         tensors = model.model.extra_conds(cross_attn=conditioning[0][0], pooled_output=conditioning[0][1]["pooled_output"],
