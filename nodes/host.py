@@ -81,8 +81,8 @@ class HostProcess(ForwardProcess):
     """The host model's own noising, in sigma form, behind the core's process interface.
 
     Noise fraction t is sigma itself for flow models (as in SD3) and the timestep fraction for
-    discrete eps/v models. The denoiser returns x0 directly, so the native output *is* x0 and
-    the loss weight makes the x0 error the native MSE: 1 / sigma^2 for flow (velocity) and eps
+    discrete eps/v models. The denoiser returns x0 directly, and the loss weight makes the x0
+    error the native MSE: 1 / sigma^2 for flow (velocity) and eps
     models, (1 + sigma^2) / sigma^2 for v-prediction. Training noise levels follow the core's
     processes: the shifted flow schedule clamped at 0.02, and for discrete models every
     timestep 1..T with equal probability (as :class:`~unlearn_core.process.DDPMEpsilon`).
@@ -119,11 +119,19 @@ class HostProcess(ForwardProcess):
     def model_timestep(self, t):
         return self.sigma(t)
 
+    # The patcher denoiser returns x0 itself (ComfyUI's apply_model), so nothing on the host
+    # converts the network's own output through these; a method that sets a target in the
+    # network's native terms does (EraseDiff: the native output of the forget sample becomes
+    # unrelated noise). ComfyUI's calculate_denoised is that conversion, affine in the output.
     def predict_x0(self, x_t, output, t):
-        return output
+        sigma = self.sigma(t).to(x_t)
+        return self.model_sampling.calculate_denoised(sigma, output.to(x_t), x_t)
 
     def output_target(self, x_t, x0, t):
-        return x0
+        sigma = self.sigma(t).to(x_t)
+        from_input = self.model_sampling.calculate_denoised(sigma, torch.zeros_like(x_t), x_t)
+        per_output = self.model_sampling.calculate_denoised(sigma, torch.ones_like(x_t), torch.zeros_like(x_t))
+        return (x0.to(x_t) - from_input) / per_output
 
     def x0_loss_weight(self, t):
         sigma_sq = self.sigma(t).clamp_min(1e-3) ** 2

@@ -45,6 +45,33 @@ def test_x0_loss_equals_the_native_loss_of_the_host(comfy, pack, kind):
     assert torch.allclose(native, x0_form, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["flow", "eps"])
+def test_erasediff_aims_the_native_output_at_the_noise_on_the_host_as_in_the_library(comfy, pack, kind):
+    """EraseDiff's forget target is the x0 whose *native* output (velocity, or epsilon) is the
+    unrelated noise, on the host as in the library: its loss is zero exactly at that x0."""
+    from instance_unlearn.nodes.host import HostProcess
+    from instance_unlearn.unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
+    from instance_unlearn.unlearn_core.objectives import EraseDiff
+    from instance_unlearn.unlearn_core.process import RectifiedFlow
+
+    sampling = sampling_for(kind)
+    process = HostProcess(sampling, kind)
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randn(2, 4, 8, 8, generator=g)
+    data = UnlearnData(ForgetTargets(targets, targets.clone(), {}, None), RememberSet(torch.randn(2, 4, 8, 8, generator=g), {}))
+    objective = EraseDiff(process, 2, 2, eta=1.0)
+    plan = objective.plan(data, torch.Generator().manual_seed(2))
+    half = objective.forget_half(data, plan)
+    unrelated, sigma = plan.extra["unrelated_noise"], process.sigma(half.t)
+    # ComfyUI's own x0 for that native output: what the model must predict to output the noise
+    aimed = sampling.calculate_denoised(sigma, unrelated, half.x_t)
+    if kind == "flow":  # and the library's flow process on the same tensors agrees
+        assert torch.allclose(RectifiedFlow().predict_x0(half.x_t, unrelated, half.t), aimed, atol=1e-5)
+    assert float(half.score(aimed)[0]) < 1e-10
+    assert float(half.score(unrelated)[0]) > 1e-3  # not x0 itself towards the noise
+    assert torch.allclose(process.output_target(half.x_t, aimed, half.t), unrelated, atol=1e-4)
+
+
 def test_eps_noise_fractions_map_to_increasing_sigmas(comfy, pack):
     from instance_unlearn.nodes.host import HostProcess
 
