@@ -671,15 +671,16 @@ def targets_for(setup, records: Path, n_targets: int) -> tuple[list, list]:
 
 
 def run_model(setup, bench: Bench, stages: set[str], settings: list[str], targets, sweep_targets, sweep_steps: int) -> dict:
+    """The model's report. ``settings`` are those this run may train; the report covers every
+    setting with records, so a run of a few settings never drops the others' rows."""
     chosen_rates, sweeps = {}, {}
-    swept = [n for n in SWEPT if n in settings]
-    for name in swept:
-        if "sweep" in stages or any(s in stages for s in ("main", "ablations", "report")):
-            if "sweep" not in stages and not _swept_already(bench, name, sweep_targets, sweep_steps):
-                continue
-            chosen_rates[name], trials, complete = sweep(bench, name, sweep_targets, sweep_steps, train="sweep" in stages)
-            sweeps[name] = {"learning_rate": chosen_rates[name], "complete": complete,
-                            "trials": {f"{lr:g}": t for lr, t in sorted(trials.items())}}  # fmt: skip
+    for name in SWEPT:
+        may_train = "sweep" in stages and name in settings
+        if not may_train and not _swept_already(bench, name, sweep_targets, sweep_steps):
+            continue
+        chosen_rates[name], trials, complete = sweep(bench, name, sweep_targets, sweep_steps, train=may_train)
+        sweeps[name] = {"learning_rate": chosen_rates[name], "complete": complete,
+                        "trials": {f"{lr:g}": t for lr, t in sorted(trials.items())}}  # fmt: skip
     complete = [n for n in chosen_rates if sweeps[n]["complete"]]  # a partial sweep chooses nothing
     chosen_rates = {n: chosen_rates[n] for n in complete}
     families = {}
@@ -689,14 +690,14 @@ def run_model(setup, bench: Bench, stages: set[str], settings: list[str], target
     main_names = [n for n in dict.fromkeys(["ours", *choice.values()]) if n in chosen_rates]
     rows = {}
     for name in main_names:
-        if "main" in stages or _ran(bench, name, chosen_rates[name], targets, TRAIN_SEEDS):
+        if ("main" in stages and name in settings) or _ran(bench, name, chosen_rates[name], targets, TRAIN_SEEDS):
             runs = [bench.run(name, chosen_rates[name], t, seed, robust=True) for seed in TRAIN_SEEDS for t in targets]
             rows[name] = main_row(SETTINGS[name].name, chosen_rates[name], runs)
     ablations = {}
     if "ours" in chosen_rates:
-        for name in [n for n in (*OURS_CANDIDATES, *ABLATIONS) if n != "ours" and n in settings]:
+        for name in [n for n in (*OURS_CANDIDATES, *ABLATIONS) if n != "ours"]:
             lr = chosen_rates["ours"]
-            if "ablations" in stages or _ran(bench, name, lr, targets, (0,)):
+            if ("ablations" in stages and name in settings) or _ran(bench, name, lr, targets, (0,)):
                 runs = [bench.run(name, lr, t, 0) for t in targets]
                 ablations[name] = {"name": SETTINGS[name].name, "learning_rate": lr, "summary": summarise(runs)}
     return {"targets": targets, "sweep_targets": sweep_targets, "sweep_sample_steps": sweep_steps,
