@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 #: how far the nearby probes stray from a target's own noise (slerp weights towards fresh noise)
 NEARBY_RANGE = (0.05, 0.2)
-#: checks in a row at which every target must be forgotten before training stops
-CONFIRMATIONS = 3
 
 #: regenerate(noise (M, *shape), target_index (M,)) -> the current model's outputs for those
 #: noises under each target's conditioning, in the space the detector embeds
@@ -179,11 +177,12 @@ class ForgettingCheck:
 
 @dataclass
 class StopRule:
-    """Stop once every target is forgotten at :data:`CONFIRMATIONS` checks in a row; remember per
-    target the step since which it has been forgotten (None while it is not)."""
+    """Stop once every target is forgotten at ``confirmations`` checks in a row (the config's
+    ``check_confirmations``); remember per target the step since which it has been forgotten
+    (None while it is not)."""
 
     targets: int
-    confirmations: int = CONFIRMATIONS
+    confirmations: int
     forgotten_at: list[int | None] = field(init=False)
     streak: int = field(init=False, default=0)
 
