@@ -35,25 +35,57 @@ from unlearn_core.backends.diffusers_backend import (
 from unlearn_core.process import RectifiedFlow
 
 ROOT = Path(__file__).resolve().parents[1]
-# depth, latent side, text tokens and widths: SD3 (77 CLIP + 256 T5 tokens of 4096, pooled 2048)
+# family, depth (transformer blocks; Flux: double + single), latent side, text tokens and widths.
+# SD3: 77 CLIP + 256 T5 tokens of 4096, pooled 2048. Flux.1 dev: its published config (19 double
+# and 38 single blocks, 24 heads of 128, guidance input), T5 at its 512 tokens (diffusers pads to
+# them; ComfyUI to 256 or the prompt's length), pooled CLIP 768. Qwen-Image: its published config
+# (60 blocks, 24 heads of 128), 256 tokens of Qwen2.5-VL's 3584 (a long prompt: neither diffusers
+# nor ComfyUI pads its prompts to a fixed length). The tiny sizes are for the tests.
 SIZES = {
-    "sd3-medium": {"depth": 24, "latent": 128, "tokens": 333, "text": 4096, "pooled": 2048, "pos_embed": 192},
-    "sd35-large": {"depth": 38, "latent": 128, "tokens": 333, "text": 4096, "pooled": 2048, "pos_embed": 192},
-    "tiny": {"depth": 2, "latent": 8, "tokens": 8, "text": 64, "pooled": 32, "pos_embed": 8},
-}
+    "sd3-medium": {"family": "sd3", "label": "SD3-Medium size", "depth": 24, "latent": 128, "tokens": 333,
+                   "text": 4096, "pooled": 2048, "pos_embed": 192},
+    "sd35-large": {"family": "sd3", "label": "SD3.5-Large size", "depth": 38, "latent": 128, "tokens": 333,
+                   "text": 4096, "pooled": 2048, "pos_embed": 192},
+    "flux1-dev": {"family": "flux", "label": "Flux.1 dev", "depth": 57, "double": 19, "single": 38, "heads": 24,
+                  "head_dim": 128, "rope": (16, 56, 56), "latent": 128, "tokens": 512, "text": 4096, "pooled": 768},
+    "qwen-image": {"family": "qwen-image", "label": "Qwen-Image", "depth": 60, "heads": 24, "head_dim": 128,
+                   "rope": (16, 56, 56), "latent": 128, "tokens": 256, "text": 3584},
+    "tiny": {"family": "sd3", "label": "tiny SD3", "depth": 2, "latent": 8, "tokens": 8, "text": 64, "pooled": 32,
+             "pos_embed": 8},
+    "tiny-flux": {"family": "flux", "label": "tiny Flux", "depth": 3, "double": 1, "single": 2, "heads": 2,
+                  "head_dim": 16, "rope": (4, 6, 6), "latent": 8, "tokens": 8, "text": 64, "pooled": 32},
+    "tiny-qwen-image": {"family": "qwen-image", "label": "tiny Qwen-Image", "depth": 2, "heads": 2, "head_dim": 16,
+                        "rope": (4, 6, 6), "latent": 8, "tokens": 8, "text": 64},
+}  # fmt: skip
+#: the sizes this script trains: unlearn_diffusers takes SD3 transformers (the others are counted by memory_estimate.py)
+TRAINED_SIZES = [name for name, size in SIZES.items() if size["family"] == "sd3"]
 
 
 def build_model(size: dict, device: str, dtype: torch.dtype):
-    from diffusers import SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
 
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: an 8 B-parameter model never passes through the CPU
-        model = SD3Transformer2DModel(
-            sample_size=size["latent"], patch_size=2, in_channels=16, out_channels=16, num_layers=size["depth"],
-            attention_head_dim=64, num_attention_heads=size["depth"], joint_attention_dim=size["text"],
-            caption_projection_dim=64 * size["depth"], pooled_projection_dim=size["pooled"],
-            pos_embed_max_size=size["pos_embed"],
-        )  # fmt: skip
+        if size["family"] == "flux":  # packed 2x2 latents: 64 channels in and out, patch 1
+            model = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=size["double"], num_single_layers=size["single"],
+                attention_head_dim=size["head_dim"], num_attention_heads=size["heads"],
+                joint_attention_dim=size["text"], pooled_projection_dim=size["pooled"], guidance_embeds=True,
+                axes_dims_rope=size["rope"],
+            )  # fmt: skip
+        elif size["family"] == "qwen-image":  # packed 2x2 latents in, 16 channels per 2x2 patch out
+            model = QwenImageTransformer2DModel(
+                patch_size=2, in_channels=64, out_channels=16, num_layers=size["depth"],
+                attention_head_dim=size["head_dim"], num_attention_heads=size["heads"],
+                joint_attention_dim=size["text"], axes_dims_rope=size["rope"],
+            )  # fmt: skip
+        else:
+            model = SD3Transformer2DModel(
+                sample_size=size["latent"], patch_size=2, in_channels=16, out_channels=16, num_layers=size["depth"],
+                attention_head_dim=64, num_attention_heads=size["depth"], joint_attention_dim=size["text"],
+                caption_projection_dim=64 * size["depth"], pooled_projection_dim=size["pooled"],
+                pos_embed_max_size=size["pos_embed"],
+            )  # fmt: skip
     return model.to(dtype).requires_grad_(False)
 
 
@@ -152,7 +184,7 @@ def comfy_rows(name: str, size: dict, batch: int, steps: int, checkpointing: boo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["sd3-medium", "sd35-large"], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["sd3-medium", "sd35-large"], choices=TRAINED_SIZES)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """The one module that knows ComfyUI's model objects: ModelPatcher -> core denoiser, LoRA on a clone.
 
-How training stays off the user's cached model (COMFYUI.md):
+How training stays off the user's cached model (docs/COMFYUI.md):
 
 - everything happens on ``patcher.clone()``: the clone shares the network but carries its own
   weight wrappers and object patches, which ComfyUI applies only while the clone is loaded and
@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import comfy.conds
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -46,20 +47,27 @@ from ..unlearn_core.process import ForwardProcess
 
 log = logging.getLogger(__name__)
 
-# FLUX is ComfyUI's rectified flow with a resolution-dependent shift (Flux.1, Chroma): the same
-# noising as FLOW, with its own model_sampling read from the loaded model
+# FLUX is ComfyUI's rectified flow with a resolution-dependent shift (Flux.1, Flux.2, Chroma,
+# Qwen-Image): the same noising as FLOW, with its own model_sampling read from the loaded model
 SUPPORTED_TYPES = {ModelType.FLOW: "flow", ModelType.FLUX: "flow", ModelType.EPS: "eps", ModelType.V_PREDICTION: "v"}
 
 #: The default LoRA targets per network (the class of ``model.diffusion_model``): the attention
 #: projections the well-known trainers target, so that every key of a saved LoRA is one the stock
 #: loaders map. MMDiT (SD3 / SD3.5): each stream's fused qkv and proj, diffusers' SD3 recipe. Flux
-#: (Flux.1 dev / schnell, Chroma): the double blocks' image and text attention, and the single
-#: blocks' linear1 (fused qkv and MLP in) and linear2 (attention out and MLP out), as kohya's and
-#: ai-toolkit's Flux LoRAs. UNets (SD1.5 / SDXL) and other DiTs: the separate to_q / k / v / out.
+#: (Flux.1 dev / schnell, Flux.2, Chroma): the double blocks' image and text attention, and the
+#: single blocks' linear1 (fused qkv and MLP in) and linear2 (attention out and MLP out), as kohya's and
+#: ai-toolkit's Flux LoRAs. Qwen-Image: both streams' attention projections (to_q / k / v / out.0
+#: and add_q / k / v_proj / to_add_out), as diffusers' and ai-toolkit's Qwen-Image LoRAs. Lumina 2 /
+#: Z-Image (NextDiT): every attention's fused qkv and out, in the layers and both refiners. HiDream:
+#: each block's attention projections of the image (to_q / k / v / out) and text (their _t) tokens.
+#: UNets (SD1.5 / SDXL) and other DiTs: the separate to_q / k / v / out.
 LORA_TARGETS = {
     "MMDiT": (r"\.attn2?\.(qkv|proj)$",),
     "Flux": (r"\.(img|txt)_attn\.(qkv|proj)$", r"\.single_blocks\.\d+\.linear[12]$"),
     "Chroma": (r"\.(img|txt)_attn\.(qkv|proj)$", r"\.single_blocks\.\d+\.linear[12]$"),
+    "QwenImageTransformer2DModel": (r"\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",),
+    "NextDiT": (r"\.attention\.(qkv|out)$",),
+    "HiDreamImageTransformer2DModel": (r"\.attn1\.(to_q|to_k|to_v|to_out)(_t)?$",),
 }
 OTHER_TARGETS = (r"\.(to_q|to_k|to_v|to_out\.0)$",)
 
@@ -72,7 +80,8 @@ def model_family(patcher) -> str:
         name = getattr(model_type, "name", type(model).__name__)
         raise InputError(
             f"this model ({type(model).__name__}, type {name}) is not supported: instance unlearning "
-            "handles rectified-flow models (SD3, SD3.5, Flux.1, Chroma) and epsilon/v-prediction diffusion models"
+            "handles rectified-flow models (SD3, SD3.5, Flux.1, Flux.2, Chroma, Qwen-Image, Z-Image / Lumina 2) and "
+            "epsilon/v-prediction diffusion models (SD1.5, SDXL)"
         )
     return SUPPORTED_TYPES[model_type]
 
@@ -139,7 +148,8 @@ class HostProcess(ForwardProcess):
 
 
 def training_process(patcher) -> HostProcess:
-    return HostProcess(patcher.model.model_sampling, model_family(patcher))
+    # the patcher's, so that a ModelSamplingAuraFlow / ModelSamplingSD3 shift in the graph holds
+    return HostProcess(patcher.get_model_object("model_sampling"), model_family(patcher))
 
 
 class PatcherDenoiser:
@@ -159,7 +169,8 @@ class PatcherDenoiser:
 
     def predict_x0(self, x_t, t, cond):
         sigma = self.process.sigma(t).to(x_t.device)
-        return self.patcher.model.apply_model(x_t, sigma, transformer_options={}, **cond)
+        x = model_latent(self.patcher, x_t)
+        return image_latent(self.patcher.model.apply_model(x, sigma, transformer_options={}, **with_constants(cond)))
 
     def base_predict_x0(self, x_t, t, cond):
         with adapters_off(self._adapters):
@@ -187,6 +198,9 @@ def conditioning_tensors(patcher, conditioning, n: int, latent: torch.Tensor) ->
     tensors: Conditioning = {}
     for key, value in built.items():
         tensor = getattr(value, "cond", None)
+        if isinstance(value, comfy.conds.CONDConstant) and isinstance(tensor, (int, float)) and not isinstance(tensor, bool):
+            tensors[CONSTANT + key] = torch.full((n,), tensor)  # Lumina 2 / Z-Image's num_tokens
+            continue
         if not isinstance(tensor, torch.Tensor):
             continue
         if key == "c_concat":
@@ -196,35 +210,74 @@ def conditioning_tensors(patcher, conditioning, n: int, latent: torch.Tensor) ->
     return tensors
 
 
+#: A number the model takes once per batch (ComfyUI's CONDConstant, such as Lumina 2's text length)
+#: rides in the core's batch-first conditioning as one value per sample under this prefix, so that
+#: selecting and joining batches keeps it; :func:`with_constants` hands it back as the number.
+CONSTANT = "constant:"
+
+
+def with_constants(cond: Conditioning) -> dict:
+    """The model's keyword arguments: every constant as its single value. Samples with different
+    values cannot share a batch, as in ComfyUI's own batching of CONDConstant."""
+    out = {}
+    for key, value in cond.items():
+        if not key.startswith(CONSTANT):
+            out[key] = value
+            continue
+        values = value.unique()
+        if len(values) != 1:
+            raise InputError(f"the conditionings in one batch differ in {key.removeprefix(CONSTANT)} ({values.tolist()}): "
+                             "use prompts of the same length for the targets")  # fmt: skip
+        out[key.removeprefix(CONSTANT)] = values.item()  # an int stays an int (a length)
+    return out
+
+
 def conditioning_to_store(conditioning, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of a CONDITIONING (text tokens, pooled output and Flux's guidance scale, which
-    FluxGuidance sets and a replay needs) under flat names, for a file."""
+    """The tensors of a CONDITIONING under flat names, for a file: the text tokens, every tensor the
+    text encoder gave besides them (pooled output, attention mask, HiDream's Llama layers) and Flux's
+    guidance scale, which FluxGuidance sets: all a replay needs to condition as the sampler did."""
     if not conditioning:
         return {}
     tensor, extra = conditioning[0][0], conditioning[0][1]
     tensors = {f"{prefix}cross_attn": tensor}
-    if isinstance(extra.get("pooled_output"), torch.Tensor):
-        tensors[f"{prefix}pooled_output"] = extra["pooled_output"]
+    for key, value in extra.items():
+        if isinstance(value, torch.Tensor) and key != "cross_attn":
+            tensors[f"{prefix}{key}"] = value
     if isinstance(extra.get("guidance"), (int, float)):
         tensors[f"{prefix}guidance"] = torch.tensor(float(extra["guidance"]))
     return tensors
 
 
 def conditioning_from_store(tensors: dict[str, torch.Tensor] | None, prefix: str = ""):
-    """The CONDITIONING stored by :func:`conditioning_to_store` (None when there is none)."""
+    """The CONDITIONING stored by :func:`conditioning_to_store` (None when there is none). Names
+    with a further prefix (the negative's, beside the positive's) belong to another conditioning."""
     if not tensors or f"{prefix}cross_attn" not in tensors:
         return None
     extra = {}
-    if f"{prefix}pooled_output" in tensors:
-        extra["pooled_output"] = tensors[f"{prefix}pooled_output"]
-    if f"{prefix}guidance" in tensors:
-        extra["guidance"] = float(tensors[f"{prefix}guidance"])
+    for name, value in tensors.items():
+        key = name.removeprefix(prefix)
+        if not name.startswith(prefix) or "." in key or key == "cross_attn":
+            continue
+        extra[key] = float(value) if key == "guidance" else value
     return [[tensors[f"{prefix}cross_attn"], extra]]
 
 
 def process_latent_in(patcher, samples: torch.Tensor) -> torch.Tensor:
     """Raw LATENT samples (VAE space) -> the space the network denoises."""
-    return patcher.model.process_latent_in(samples.detach().clone().float())
+    return image_latent(patcher.model.process_latent_in(model_latent(patcher, samples.detach().clone().float())))
+
+
+def image_latent(samples: torch.Tensor) -> torch.Tensor:
+    """Raw samples in the core's (B, C, h, w): an image model with a video VAE (Qwen-Image's Wan
+    latent format) keeps its latents as (B, C, 1, h, w), one frame; the frame axis is dropped."""
+    return samples.squeeze(2) if samples.dim() == 5 and samples.shape[2] == 1 else samples
+
+
+def model_latent(patcher, samples: torch.Tensor) -> torch.Tensor:
+    """The core's (B, C, h, w) in the layout the model takes (the frame axis back where its latent
+    format has one)."""
+    frames = patcher.get_model_object("latent_format").latent_dimensions == 3
+    return samples.unsqueeze(2) if frames and samples.dim() == 4 else samples
 
 
 def _alias(tensor: torch.Tensor) -> torch.nn.Parameter:
@@ -369,15 +422,14 @@ def _loaded_lora_clone(patcher, targets: set[str], rank: int, alpha: float, seed
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoraDiff initialises lora_up from the global RNG
         for name, module in clone.model.named_modules():
-            if not hasattr(module, "weight_function"):
-                continue
-            # weight and bias, and what else the layer's forward multiplies in (scaled fp8's
-            # scale_weight / scale_input in ComfyUI 0.3.x)
+            # every parameter the forward reads: a layer's weight and bias and what else it
+            # multiplies in (scaled fp8's scale_weight / scale_input in ComfyUI 0.3.x), and the
+            # plain parameters some networks use directly (HiDream's expert gate, Z-Image's pad token)
             for kind, tensor in list(module.named_parameters(recurse=False)):
                 key = f"{name}.{kind}"
                 if type(tensor.data) is torch.Tensor:  # a quantized weight needs none: see _alias
                     clone.add_object_patch(key, _alias(tensor))
-                if kind == "weight" and name in targets:
+                if kind == "weight" and name in targets and hasattr(module, "weight_function"):
                     adapter = LoRAAdapter.create_train(tensor, rank=rank, alpha=alpha).to(torch.float32)
                     adapter.train().requires_grad_(True)
                     adapter.alpha.requires_grad_(False)
@@ -465,20 +517,20 @@ def ksample(
     """
     latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
     noise = comfy.sample.prepare_noise(latent, seed, [batch_index] * len(latent) if batch_index else None)
-    return comfy.sample.sample(
+    return image_latent(comfy.sample.sample(
         patcher, noise, steps, cfg, sampler, scheduler, positive, negative or zero_conditioning(positive),
         latent, denoise=denoise, noise_mask=noise_mask, disable_pbar=True, seed=seed,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def ksample_from_noise(patcher, prompt: HostPrompt, noise: torch.Tensor, seed: int) -> torch.Tensor:
     """ComfyUI's sampler from a given initial ``noise`` (B, C, h, w) rather than a seed's: the
     forgetting check's nearby probes. With the seed's own noise it is :func:`ksample` exactly."""
-    latent = torch.zeros_like(noise)
-    return comfy.sample.sample(
+    noise = model_latent(patcher, noise)
+    return image_latent(comfy.sample.sample(
         patcher, noise, prompt.steps, prompt.cfg, prompt.sampler_name, prompt.scheduler, prompt.positive,
-        prompt.negative or zero_conditioning(prompt.positive), latent, denoise=1.0, disable_pbar=True, seed=seed,
-    ).float()  # fmt: skip
+        prompt.negative or zero_conditioning(prompt.positive), torch.zeros_like(noise), denoise=1.0, disable_pbar=True, seed=seed,
+    )).float()  # fmt: skip
 
 
 def invert_to_noise(patcher, prompt: HostPrompt, latent: torch.Tensor, refine: int = 3) -> torch.Tensor:
@@ -520,7 +572,7 @@ def invert_to_noise(patcher, prompt: HostPrompt, latent: torch.Tensor, refine: i
     )  # fmt: skip
     # ComfyUI starts a full denoise from noise_scaling(sigma_max, noise, 0): the reached level over that scale
     scale = sampling.noise_scaling(sigmas[:1].float(), torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), max_denoise=True)
-    return (reached[0].cpu() / scale.reshape(1, 1, 1, 1)).float()
+    return image_latent(reached[0].cpu() / scale.reshape(1, 1, 1, 1)).float()
 
 
 #: how a target with no recorded sampler settings is regenerated
@@ -588,7 +640,7 @@ def sampling_noise(patcher, shape: tuple[int, ...], seed: int, batch_index: int 
     """The noise (C, h, w) KSampler started image ``batch_index`` of a batch from ``seed`` with
     (what :func:`ksample` draws to replay it)."""
     latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, *shape))
-    return comfy.sample.prepare_noise(latent, seed, [batch_index] if batch_index else None)[0].float()
+    return image_latent(comfy.sample.prepare_noise(latent, seed, [batch_index] if batch_index else None))[0].float()
 
 
 def latent_shape(patcher, vae, height: int, width: int) -> tuple[int, int, int]:
@@ -616,7 +668,7 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
         )  # fmt: skip
         resized = torch.nn.functional.interpolate(images.movedim(-1, 1).float(), size=size, mode="bilinear", antialias=True)
         images = resized.movedim(1, -1).clamp(0, 1)
-    return vae.encode(images)
+    return image_latent(vae.encode(images))
 
 
 def vae_scale(vae) -> int:
@@ -628,6 +680,8 @@ def vae_scale(vae) -> int:
 
 def decode(vae, samples: torch.Tensor) -> torch.Tensor:
     """Raw LATENT samples -> IMAGE (B, H, W, 3)."""
+    if getattr(vae, "latent_dim", 2) == 3 and samples.dim() == 4:  # a video VAE: one frame
+        samples = samples.unsqueeze(2)
     images = vae.decode(samples)
     if images.dim() == 5:  # video VAEs return (B, T, H, W, C)
         images = images.reshape(-1, *images.shape[-3:])

@@ -101,7 +101,7 @@ class MarkUndesiredOutput(io.ComfyNode):
         folder_name = safe_name(forget_set, "forget-set name")
         if images is not None:
             chosen = parse_indices(indices, len(images))
-            samples = None if latent is None else latent["samples"]
+            samples = None if latent is None else host.image_latent(latent["samples"])
             if samples is not None and len(samples) != len(images):
                 raise InputError(f"the latent batch ({len(samples)}) and the image batch ({len(images)}) differ; connect the matching latent")
             height, width = images.shape[1:3]

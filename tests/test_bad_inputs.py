@@ -302,7 +302,8 @@ RUN_CASES = [
     *[Case(f"output name {name!r}", {"output": name}, *BAD_NAME)
       for name in ("../escape.safetensors", "/tmp/abs.safetensors", "a|b", "con.safetensors", "out/../../x")],
     Case("unknown key format", {"key_format": "kohya"}, "key_format='kohya'", "is not one of: comfy, diffusers"),
-    Case("unknown model kind", {"model__kind": "flux"}, "model.kind must be 'sd3' or 'unet'", "got 'flux'"),
+    Case("unknown model kind", {"model__kind": "flux2"}, "model.kind must be one of sd3, flux, qwen_image, unet, unet_cond",
+         "got 'flux2'"),
     Case("model is not an object", {"model": "sd3"}, "'model' must be a JSON object", "JSON object"),
     Case("model folder missing", {"model__path": "nowhere"}, "model.path .*nowhere' does not exist", "does not exist"),
     Case("model folder without a model", {"model__path": files_path("not_a_model")}, "is not a SD3Transformer2DModel folder",

@@ -136,23 +136,67 @@ def test_gpu_size_benchmark_runs_at_the_tiny_size_on_the_cpu(speed, tmp_path, ca
     assert "| tiny | ours (diffusers) | on | 2 |" in capsys.readouterr().out
 
 
-def test_memory_estimate_counts_on_the_meta_device_what_a_real_forward_pass_saves(speed, tmp_path):
+def test_memory_estimate_counts_on_the_meta_device_what_a_real_forward_pass_saves(speed, tmp_path, capsys):
     load_benchmark("gpu_size")  # memory_estimate imports it (and it speed), as beside them in benchmarks/
     estimate = load_benchmark("memory_estimate")
-    tiny = estimate.SIZES["tiny"]
-    for checkpointing in (False, True):
-        meta = estimate.count(tiny, 2, checkpointing, device="meta")
-        real = estimate.count(tiny, 2, checkpointing, device="cpu")
-        assert meta["parameters"] == real["parameters"] and meta["lora_parameters"] == real["lora_parameters"]
-        # within 1%: a few small tensors (hundreds of bytes) are laid out differently on the meta device
-        assert real["saved_bytes"] > 0 and math.isclose(meta["saved_bytes"], real["saved_bytes"], rel_tol=0.01), (meta, real)
-    # checkpointing keeps only block inputs; twice the batch saves twice the activations
-    assert estimate.count(tiny, 2, True)["saved_bytes"] < estimate.count(tiny, 2, False)["saved_bytes"]
-    assert estimate.count(tiny, 4, False)["saved_bytes"] == 2 * estimate.count(tiny, 2, False)["saved_bytes"]
+    families = ("tiny", "tiny-flux", "tiny-qwen-image")  # SD3, Flux.1 and Qwen-Image, each built as at full size
+    for name in families:
+        tiny, saved = estimate.SIZES[name], {}
+        for checkpointing in (False, True):
+            meta = estimate.count(tiny, 2, checkpointing, device="meta")
+            real = estimate.count(tiny, 2, checkpointing, device="cpu")
+            assert meta["parameters"] == real["parameters"] and meta["lora_parameters"] == real["lora_parameters"]
+            # within 1%: a few small tensors (hundreds of bytes) are laid out differently on the meta device
+            assert real["saved_bytes"] > 0 and math.isclose(meta["saved_bytes"], real["saved_bytes"], rel_tol=0.01), (
+                name, meta["saved_bytes"], real["saved_bytes"])  # fmt: skip
+            saved[checkpointing] = meta["saved_bytes"]
+        # checkpointing keeps only block inputs; twice the batch saves twice the activations (but for
+        # what a pass computes once whatever its batch, such as Flux's RoPE table)
+        assert saved[True] < saved[False]
+        doubled = estimate.count(tiny, 4, False)["saved_bytes"] / saved[False]
+        assert doubled == 2 if name == "tiny" else math.isclose(doubled, 2, rel_tol=0.02), (name, doubled)
     out = tmp_path / "memory.json"
-    assert estimate.main(["--sizes", "tiny", "--json", str(out)]) == 0
+    assert estimate.main(["--sizes", *families, "--json", str(out)]) == 0
     written = json.loads(out.read_text())
-    assert written["kind"].startswith("estimate") and set(written["fits"]) == {"12 GB", "16 GB", "24 GB", "80 GB"}
+    gpus = {"12 GB", "16 GB", "24 GB", "32 GB", "48 GB", "80 GB"}
+    assert written["kind"].startswith("estimate") and set(written["fits"]) == gpus
+    assert list(written["models"]) == list(families)
+    for name, model in written["models"].items():
+        assert model["parameters"] > model["lora_parameters"] > 0 and model["image_tokens"] == 16, name
+        assert math.isclose(model["weights_gib"]["bf16"], 2 * model["weights_gib"]["fp8"])
+        for weights in ("bf16", "fp8"):
+            peaks = model["peak_gib"][weights]
+            assert set(peaks["on"]) == set(peaks["off"]) == {"8", "4", "2"}
+            assert peaks["on"]["2"] < peaks["off"]["2"] and peaks["on"]["2"] < peaks["on"]["8"]
+            assert set(model["fits"]) == gpus and model["smallest_gpu_gb"][weights] == 12  # a tiny model fits anywhere
+    capsys.readouterr()
+    assert estimate.main(["--json", str(out), "--table"]) == 0  # the README's table, from the JSON alone
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(families) and table[2].startswith("| tiny SD3 |") and table[3].startswith("| tiny Flux |")
+    assert table[2].endswith("| 12 GB / 12 GB |"), table
+
+
+def test_memory_estimate_puts_the_lora_where_the_pack_trains_each_family(speed):
+    """Flux.1: both streams' attention projections in the double blocks, linear1 (q, k, v and
+    proj_mlp) and linear2 (proj_out) in the single blocks, but not the model's final proj_out;
+    SD3 and Qwen-Image: every attention projection of both streams."""
+    load_benchmark("gpu_size")
+    estimate = load_benchmark("memory_estimate")
+    attention = [f"attn.{t}" for t in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
+    single = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"]
+
+    def layers(name):
+        return set(estimate.count(estimate.SIZES[name], 1, False)["lora_layers"])
+
+    assert layers("tiny-flux") == {f"transformer_blocks.0.{t}" for t in attention} | {
+        f"single_transformer_blocks.{i}.{t}" for i in range(2) for t in single}  # fmt: skip
+    assert layers("tiny-qwen-image") == {f"transformer_blocks.{i}.{t}" for i in range(2) for t in attention}
+    # SD3's last block updates only the image stream: it has no to_add_out
+    assert layers("tiny") == {f"transformer_blocks.{i}.{t}" for i in range(2) for t in attention} - {
+        "transformer_blocks.1.attn.to_add_out"}  # fmt: skip
+    # at full size every single block's linear2, by its full name
+    flux = estimate.lora_targets(estimate.SIZES["flux1-dev"])
+    assert {t for t in flux if t.endswith("proj_out")} == {f"single_transformer_blocks.{i}.proj_out" for i in range(38)}
 
 
 def test_effectiveness_run_keys_move_only_with_what_changes_a_run(tmp_path):
@@ -301,3 +345,27 @@ def test_lshapes_run_trains_in_latent_space_and_is_judged_on_decoded_images(lsha
     forget = ForgetTargets(target, target, setup.cond([1]), torch.randn(1, 4, 8, 8))
     check = sampler_check(DiffusersDenoiser(setup.model, setup.process), setup.process, forget, runs.check_settings(4), 0.05, 1)
     assert check.targets.shape == (1, 3, 32, 32)  # the check embeds the decoded target
+
+
+def test_the_family_table_reads_each_familys_outcome_from_the_test_run(tmp_path):
+    """benchmarks/families.py reports what the ComfyUI family test found: a pass with the test's
+    recorded properties, a skip with its reason; a family that did not run is not called tested."""
+    families = load_benchmark("families")
+    record = {"model_class": "Flux", "model_type": "FLUX", "file_layers": 6, "patched_by_stock_loader": 6, "tiny_widths": False}
+    xml = tmp_path / "run.xml"
+    xml.write_text(
+        "<testsuites><testsuite>"
+        '<testcase name="test_a_family_trains_saves_and_loads_with_every_key[flux]" time="1.25"><properties>'
+        f'<property name="family" value="{json.dumps(record).replace(chr(34), "&quot;")}"/></properties></testcase>'
+        '<testcase name="test_a_family_trains_saves_and_loads_with_every_key[z_image]" time="0.01">'
+        '<skipped message="this ComfyUI has no z_image network to build: no rope_theta"/></testcase>'
+        '<testcase name="test_a_family_trains_saves_and_loads_with_every_key[sd3]" time="2"><failure message="boom"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    rows = families.families(xml)
+    assert rows["flux"] == {"seconds": 1.2, "outcome": "passed", **record}
+    assert rows["flux"]["file_layers"] == 6 and rows["z_image"]["outcome"] == "skipped" and rows["sd3"]["outcome"] == "failed"
+    text = families.table([{"comfyui": {"version": "9.9"}, "families": rows}])
+    assert "| Flux.1 dev | Flux (FLUX) | Load Diffusion Model | 6 / 6 | passed |" in text
+    assert "| Z-Image / Lumina 2 | - | Load Diffusion Model | - | skipped: this ComfyUI has no z_image network to build |" in text
+    assert "| SD3 / SD3.5 | - | Load Checkpoint | - | failed |" in text and "| SDXL | - | Load Checkpoint | - | not run |" in text

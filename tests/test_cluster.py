@@ -160,7 +160,7 @@ def test_a_second_shutdown_request_releases_running_requests_for_the_next_serve(
 
 
 def test_unlearn_serve_joins_a_running_cluster_and_sigterm_releases_its_request(cluster, inputs, tmp_path):
-    """The command as the README runs it, pointed at this module's cluster with --address."""
+    """The command as docs/PROVIDERS.md runs it, pointed at this module's cluster with --address."""
     queue = RequestQueue(tmp_path / "q")
     queue.submit(job(inputs, steps=3000), "long")
     address = cluster.get_runtime_context().gcs_address

@@ -106,3 +106,41 @@ def test_refusals_say_what_to_give_instead():
     # None is what the optional fields take for "off / the default"
     config = UnlearnConfig(grad_clip=None, lora_alpha=None, target_modules=None)
     assert config.effective_alpha == config.lora_rank
+
+
+# Cross-field rules: a setting the combination never reads is named with the field that makes it so.
+@pytest.mark.parametrize(
+    ("settings", "ignored", "because"),
+    [
+        ({"method": "siss", "weighting": "constant"}, "weighting", "method='siss'"),
+        ({"method": "neggrad", "surgery": "none", "own_noise_spread": 0.5}, "surgery", "method='neggrad'"),
+        ({"method": "neggrad", "repair_when_forgotten": False}, "repair_when_forgotten", "method='neggrad'"),
+        ({"erasediff_eta": 0.1}, "erasediff_eta", "method='surrogate'"),
+        ({"method": "erasediff", "siss_scale": 0.1}, "siss_scale", "method='erasediff'"),
+        ({"adapter": "full", "lora_rank": 16}, "lora_rank", "adapter='full'"),
+        ({"adapter": "full", "target_modules": ("qkv",)}, "target_modules", "adapter='full'"),
+        ({"balance_ratio": 0.3}, "balance_ratio", "balance='none'"),
+        ({"gamma": 3.0, "weighting": "constant"}, "gamma", "weighting='constant'"),
+        ({"constant_lambda": 0.2}, "constant_lambda", "weighting='power'"),
+        ({"forget_noise": "fresh", "own_noise_spread": 0.5}, "own_noise_spread", "forget_noise='fresh'"),
+        ({"stop_when_forgotten": False, "check_every": 5}, "check_every", "stop_when_forgotten is off"),
+        ({"stop_when_forgotten": False, "repair_when_forgotten": False}, "repair_when_forgotten", "stop_when_forgotten"),
+        ({"raise_after": 5}, "raise_after", "rate_schedule='fixed'"),
+    ],
+)  # fmt: skip
+def test_a_setting_the_combination_ignores_is_warned_about_naming_both_fields(settings, ignored, because, caplog):
+    with caplog.at_level("WARNING", logger="unlearn_core.config"):
+        config = UnlearnConfig(**settings)
+    assert because in config.ignored()[ignored]
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{ignored}=")]
+    assert len(warned) == 1 and because in warned[0], caplog.text
+
+
+def test_settings_that_are_read_are_not_warned_about(caplog):
+    read = [{}, {"method": "siss", "siss_scale": 0.1}, {"method": "erasediff", "erasediff_eta": 0.1},
+            {"balance": "cap", "balance_ratio": 0.3, "remember_target": "data"}, {"weighting": "constant", "constant_lambda": 0.2},
+            {"lora_rank": 16, "target_modules": ("qkv",)}, {"rate_schedule": "raise", "raise_after": 5}, {"gamma": 3.0}]  # fmt: skip
+    with caplog.at_level("WARNING", logger="unlearn_core.config"):
+        for settings in read:
+            assert UnlearnConfig(**settings).ignored() == {}, settings
+    assert "ignored" not in caplog.text

@@ -96,6 +96,16 @@ def test_file_round_trip_keeps_every_delta(tmp_path, key_format):
         assert not any(k.endswith(".alpha") for k in keys)
 
 
+def test_another_networks_own_names_are_saved_as_they_are():
+    """Qwen-Image's ComfyUI module names read like diffusers' SD3 names (transformer_blocks.N.attn.to_q):
+    in the 'comfy' namespace they are that network's own and must not become MMDiT's joint blocks."""
+    weights = random_sd3_lora(blocks=1)
+    tensors = state_dict_for(LoraWeights(weights.layers, "comfy"), "comfy")
+    assert {k.removesuffix(".lora_up.weight") for k in tensors if k.endswith(".lora_up.weight")} == {
+        f"diffusion_model.{name}" for name in weights.layers
+    }
+
+
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     import unlearn_core.lora as lora
 
@@ -133,3 +143,35 @@ def test_bad_files_and_keys_are_explained(tmp_path):
         to_mmdit(LoraWeights({"transformer_blocks.0.norm1.linear": LoraLayer(torch.zeros(1, 2), torch.zeros(2, 1), 1.0)}))
     with pytest.raises(InputError, match="unknown LoRA key format"):
         state_dict_for(random_sd3_lora(), "kohya2")
+
+
+def test_the_sum_of_loras_applies_exactly_what_they_apply_together(tmp_path):
+    """Results trained one after another merge into one file whose every delta is the sum of theirs
+    (layers only one of them has included), through both key formats."""
+    from unlearn_core.lora import sum_of
+
+    first, second = random_sd3_lora(blocks=2, rank=4, seed=1), random_sd3_lora(blocks=1, rank=2, seed=2)
+    merged = sum_of([first, second])
+    assert set(merged.layers) == set(first.layers) | set(second.layers)
+    for name, layer in merged.layers.items():
+        expected = first.layers[name].delta() + (second.layers[name].delta() if name in second.layers else 0)
+        assert torch.allclose(layer.delta(), expected, atol=1e-5), name
+        assert layer.rank == first.layers[name].rank + (second.layers[name].rank if name in second.layers else 0)
+    for key_format in ("comfy", "diffusers"):
+        loaded = to_diffusers(load_lora(save_lora(tmp_path / f"sum_{key_format}.safetensors", merged, key_format)))
+        for name, layer in merged.layers.items():
+            assert torch.allclose(loaded.layers[name].delta(), layer.delta(), atol=1e-5), (key_format, name)
+
+
+def test_loras_of_different_networks_or_formats_are_not_summed():
+    from unlearn_core.lora import sum_of
+
+    first = random_sd3_lora(blocks=1)
+    with pytest.raises(InputError, match="different networks or in different key formats"):
+        sum_of([first, LoraWeights(first.layers, "comfy")])
+    wide = random_sd3_lora(blocks=1)
+    wide.layers["transformer_blocks.0.attn.to_q"] = LoraLayer(torch.zeros(2, HIDDEN * 2), torch.zeros(HIDDEN, 2), 1.0)
+    with pytest.raises(InputError, match="different shapes"):
+        sum_of([first, wide])
+    with pytest.raises(InputError, match="at least one"):
+        sum_of([])

@@ -32,7 +32,7 @@ def batch(seed=0, n=5):
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)
 def test_surrogate_target_denoises_onto_the_surrogate(process):
-    """METHOD.md 3: one exact step with the surrogate target, from the target's noisy point, gives x~."""
+    """docs/METHOD.md 3: one exact step with the surrogate target, from the target's noisy point, gives x~."""
     target, surrogate, noise = batch()
     t = process.sample_t(len(target), torch.Generator().manual_seed(3))
     x_t = process.add_noise(target, noise, t)

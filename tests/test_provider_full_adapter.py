@@ -1,4 +1,4 @@
-"""adapter "full" (the README's choice for DDPM) saves every trained weight instead of crashing."""
+"""adapter "full" (docs/PROVIDERS.md's choice for DDPM) saves every trained weight instead of crashing."""
 
 import json
 

@@ -24,26 +24,60 @@ from workflow_check import (
 
 WORKFLOWS = load_workflows()
 PACK_NODES = json.loads((ROOT / "tests" / "comfyui" / "schema_snapshot.json").read_text())
-# The usual SD3.5 file names (ComfyUI's SD3.5 examples): the README says where to get them.
-SD35_FILES = {
-    ("checkpoints", "sd3.5_medium.safetensors"),
-    ("text_encoders", "clip_l.safetensors"),
-    ("text_encoders", "clip_g.safetensors"),
-    ("text_encoders", "t5xxl_fp16.safetensors"),
+# Each family's usual model files (ComfyUI's own examples and templates), by the family name the
+# workflow files carry: the README says where each goes and where to get it.
+FAMILY_FILES = {
+    "sd35": {("checkpoints", "sd3.5_medium.safetensors"), ("text_encoders", "clip_l.safetensors"),
+             ("text_encoders", "clip_g.safetensors"), ("text_encoders", "t5xxl_fp16.safetensors")},
+    "flux1_dev": {("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                  ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")},
+    "sdxl": {("checkpoints", "sd_xl_base_1.0.safetensors")},
+    "z_image_turbo": {("diffusion_models", "z_image_turbo_bf16.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+                      ("vae", "ae.safetensors")},
+}  # fmt: skip
+# The text-encoder loader of each family with its widget values: files in the order the loader
+# expects them and the CLIP type (SDXL's encoders come from its checkpoint).
+TEXT_ENCODERS = {
+    "sd35": ("TripleCLIPLoader", ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"]),
+    "flux1_dev": ("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
+    "sdxl": ("CheckpointLoaderSimple", ["sd_xl_base_1.0.safetensors"]),
+    "z_image_turbo": ("CLIPLoader", ["qwen_3_4b.safetensors", "lumina2", "default"]),
 }
+PIPELINE = {"InstanceUnlearn_MarkUndesired", "InstanceUnlearn_BuildSurrogate", "InstanceUnlearn_TrainLoRA",
+            "InstanceUnlearn_PreserveCheck", "KSampler"}  # fmt: skip
 JOBS = {  # workflow -> what it must contain
-    "instance_unlearn_sd35.json": {"InstanceUnlearn_MarkUndesired", "InstanceUnlearn_BuildSurrogate",
-                                   "InstanceUnlearn_TrainLoRA", "InstanceUnlearn_PreserveCheck", "KSampler"},
+    "instance_unlearn_sd35.json": PIPELINE | {"CheckpointLoaderSimple", "TripleCLIPLoader"},
     "instance_unlearn_sd35_inpaint.json": {"InstanceUnlearn_MarkUndesired", "LoadImage", "InstanceUnlearn_BuildSurrogate",
                                            "InstanceUnlearn_TrainLoRA"},
     "apply_unlearn_lora_sd35.json": {"LoraLoaderModelOnly", "KSampler", "SaveImage"},
     "instance_unlearn_sd35_several_targets.json": {"InstanceUnlearn_MarkUndesired", "InstanceUnlearn_TrainLoRA"},
+    "instance_unlearn_flux1_dev.json": PIPELINE | {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance"},
+    "instance_unlearn_sdxl.json": PIPELINE | {"CheckpointLoaderSimple", "EmptyLatentImage"},
+    "instance_unlearn_z_image_turbo.json": PIPELINE | {"UNETLoader", "CLIPLoader", "VAELoader", "ModelSamplingAuraFlow"},
 }  # fmt: skip
+# The other families' pipelines: their training inputs are the node's defaults, except the LoRA's
+# name, the family's sampler steps and what makes training of a 3-12 B model fit a consumer GPU
+# (the README's memory estimates: checkpointing on, remember batch 4).
+FAMILY_PIPELINES = ("instance_unlearn_flux1_dev.json", "instance_unlearn_sdxl.json", "instance_unlearn_z_image_turbo.json")
+MEMORY_SETTINGS = {"gradient_checkpointing": True, "remember_batch_size": 4}
 
 
 def widget_value(workflow: dict, node_type: str, name: str):
     node = next(n for n in workflow["nodes"] if n["type"] == node_type)
     return node["widgets_values_named"][name]
+
+
+def family_of(name: str) -> str:
+    return next(family for family in FAMILY_FILES if f"_{family}" in name.removesuffix(".json"))
+
+
+def source(workflow: dict, node: dict, input_name: str) -> tuple[dict, int] | None:
+    """The node and output slot that feed ``input_name`` of ``node`` (None: not connected)."""
+    link_id = next(slot["link"] for slot in node["inputs"] if slot["name"] == input_name)
+    if link_id is None:
+        return None
+    link = next(link for link in workflow["links"] if link[0] == link_id)
+    return next(n for n in workflow["nodes"] if n["id"] == link[1]), link[2]
 
 
 def test_every_job_has_its_workflow():
@@ -73,28 +107,98 @@ def test_workflow_is_in_the_frontends_save_format(name):
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_workflow_has_no_null_fields_that_older_frontends_reject(name):
     """Frontend 1.27's schema alerts on floatingLinks, definitions or extra.reroutes set to null
-    (COMFYUI.md): such fields are left out or given their empty value."""
+    (docs/COMFYUI.md): such fields are left out or given their empty value."""
     workflow = WORKFLOWS[name]
     nulls = [key for key, value in workflow.items() if value is None]
     nulls += [f"extra.{key}" for key, value in workflow.get("extra", {}).items() if value is None]
     assert not nulls, f"{name}: null fields {nulls}"
 
 
-def test_workflows_use_the_usual_sd35_files():
-    snapshot = load_snapshot()
-    for name, workflow in WORKFLOWS.items():
-        files = {(folder, value) for _, folder, value in check_workflow(workflow, snapshot).files}
-        models = {entry for entry in files if entry[0] in ("checkpoints", "text_encoders")}
-        assert models == SD35_FILES, name
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_each_workflow_uses_its_familys_usual_files(name):
+    files = {(folder, value) for _, folder, value in check_workflow(WORKFLOWS[name], load_snapshot()).files}
+    models = {entry for entry in files if entry[0] not in ("input", "loras")}
+    assert models == FAMILY_FILES[family_of(name)]
+
+
+def test_the_apply_workflow_loads_the_lora_the_pipeline_saves():
     assert widget_value(WORKFLOWS["apply_unlearn_lora_sd35.json"], "LoraLoaderModelOnly", "lora_name") == (
         widget_value(WORKFLOWS["instance_unlearn_sd35.json"], "InstanceUnlearn_TrainLoRA", "lora_name") + ".safetensors"
-    ), "the apply workflow loads the LoRA the pipeline saves"
+    )
 
 
-def test_the_triple_clip_loader_gets_clip_l_clip_g_t5_in_this_order():
-    for workflow in WORKFLOWS.values():
-        loader = next(n for n in workflow["nodes"] if n["type"] == "TripleCLIPLoader")
-        assert loader["widgets_values"] == ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"]
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_the_text_encoders_load_in_their_loaders_order_and_type(name):
+    """clip_l, clip_g, t5 for SD3.5; clip_l, t5 as type flux for Flux.1; Qwen3 4B as type lumina2
+    for Z-Image; every prompt is encoded by that loader's CLIP."""
+    workflow = WORKFLOWS[name]
+    loader_type, values = TEXT_ENCODERS[family_of(name)]
+    loaders = [n for n in workflow["nodes"] if n["type"] == loader_type]
+    assert len(loaders) == 1 and loaders[0]["widgets_values"] == values
+    for encoder in (n for n in workflow["nodes"] if n["type"] == "CLIPTextEncode"):
+        assert source(workflow, encoder, "clip")[0] is loaders[0], encoder.get("title")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in WORKFLOWS if PIPELINE <= {node["type"] for node in WORKFLOWS[n]["nodes"]}))
+def test_the_pack_nodes_get_what_the_sampler_got(name):
+    """Mark Undesired Output records the sampler's own conditioning (Flux.1: after FluxGuidance) and
+    negative, and every pack node that samples uses the sampler's model (Z-Image: after
+    ModelSamplingAuraFlow) and settings: regenerations replay the generation exactly."""
+    workflow = WORKFLOWS[name]
+    sampler = node_of(workflow, "KSampler")
+    mark = node_of(workflow, "InstanceUnlearn_MarkUndesired")
+    assert source(workflow, mark, "conditioning") == source(workflow, sampler, "positive")
+    assert source(workflow, mark, "negative") == source(workflow, sampler, "negative")
+    assert source(workflow, mark, "latent") == (sampler, 0)
+    model = source(workflow, sampler, "model")
+    for node_type, input_name in (("InstanceUnlearn_BuildSurrogate", "model"), ("InstanceUnlearn_TrainLoRA", "model"),
+                                  ("InstanceUnlearn_PreserveCheck", "base_model")):  # fmt: skip
+        assert source(workflow, node_of(workflow, node_type), input_name) == model, node_type
+    surrogate = node_of(workflow, "InstanceUnlearn_BuildSurrogate")["widgets_values_named"]
+    for setting in ("steps", "cfg", "sampler_name", "scheduler"):
+        assert surrogate[setting] == sampler["widgets_values_named"][setting], setting
+
+
+def test_the_family_workflows_sample_as_comfyuis_own_templates():
+    flux, sdxl, z_image = (WORKFLOWS[name] for name in FAMILY_PIPELINES)
+    settings = ("steps", "cfg", "sampler_name", "scheduler")
+    assert [{k: widget_value(w, "KSampler", k) for k in settings} for w in (flux, sdxl, z_image)] == [
+        {"steps": 20, "cfg": 1, "sampler_name": "euler", "scheduler": "simple"},
+        {"steps": 25, "cfg": 8, "sampler_name": "euler", "scheduler": "normal"},
+        {"steps": 8, "cfg": 1, "sampler_name": "res_multistep", "scheduler": "simple"},
+    ]
+    # Flux.1 dev: the prompt through FluxGuidance 3.5 into the sampler; the negative zeroed from it
+    guidance = node_of(flux, "FluxGuidance")
+    assert guidance["widgets_values_named"] == {"guidance": 3.5}
+    assert source(flux, guidance, "conditioning")[0]["type"] == "CLIPTextEncode"
+    assert source(flux, node_of(flux, "KSampler"), "positive") == (guidance, 0)
+    assert source(flux, node_of(flux, "ConditioningZeroOut"), "conditioning") == (guidance, 0)
+    assert source(flux, node_of(flux, "KSampler"), "negative") == (node_of(flux, "ConditioningZeroOut"), 0)
+    assert source(flux, node_of(flux, "KSampler"), "model")[0]["type"] == "UNETLoader"
+    # Z-Image Turbo: the diffusion model through ModelSamplingAuraFlow shift 3 into the sampler
+    shift = node_of(z_image, "ModelSamplingAuraFlow")
+    assert shift["widgets_values_named"] == {"shift": 3}
+    assert source(z_image, shift, "model")[0]["type"] == "UNETLoader"
+    assert source(z_image, node_of(z_image, "KSampler"), "model") == (shift, 0)
+    # latents at the families' 1024 x 1024, in the latent node each family's template uses
+    for workflow, latent_type in ((flux, "EmptySD3LatentImage"), (sdxl, "EmptyLatentImage"), (z_image, "EmptySD3LatentImage")):
+        latent = node_of(workflow, latent_type)["widgets_values_named"]
+        assert (latent["width"], latent["height"]) == (1024, 1024)
+        assert source(workflow, node_of(workflow, "KSampler"), "latent_image")[0]["type"] == latent_type
+
+
+@pytest.mark.parametrize("name", FAMILY_PIPELINES)
+def test_the_family_workflows_train_with_the_nodes_defaults(name):
+    definition = load_snapshot()["InstanceUnlearn_TrainLoRA"]
+    specs = {**definition["input"]["required"], **definition["input"]["optional"]}
+    workflow = WORKFLOWS[name]
+    train = node_of(workflow, "InstanceUnlearn_TrainLoRA")["widgets_values_named"]
+    assert train["remember_steps"] == widget_value(workflow, "KSampler", "steps")
+    assert train["lora_name"] == "unlearn/" + widget_value(workflow, "InstanceUnlearn_MarkUndesired", "forget_set")
+    assert train["control_after_generate"] == "fixed", "the same seed gives the same LoRA"
+    assert {k: train[k] for k in MEMORY_SETTINGS} == MEMORY_SETTINGS
+    others = {k: v for k, v in train.items() if k in specs and k not in ("remember_steps", "lora_name", *MEMORY_SETTINGS)}
+    assert others == {k: specs[k][1]["default"] for k in others}, "a training default changed: store it in this workflow too"
 
 
 def test_inpaint_and_several_targets_variants_are_set_up_for_their_job():
@@ -128,7 +232,7 @@ def test_readme_names_every_workflow_and_model_file():
     readme = (ROOT / "README.md").read_text()
     for name in WORKFLOWS:
         assert f"workflows/{name}" in readme, name
-    for folder, file_name in SD35_FILES:
+    for folder, file_name in set().union(*FAMILY_FILES.values()):
         assert file_name in readme and f"models/{folder}" in readme, file_name
     for image in re.findall(r"!\[[^\]]*\]\((docs/[^)]+)\)", readme):
         assert (ROOT / image).is_file(), image

@@ -38,6 +38,8 @@ FRONTEND_NODES = {"Note": ("text",), "MarkdownNote": ("text",)}
 FILE_INPUTS = {
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
     "TripleCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name3": "text_encoders"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "CLIPLoader": {"clip_name": "text_encoders"},
     "LoraLoaderModelOnly": {"lora_name": "loras"},
     "UNETLoader": {"unet_name": "diffusion_models"},
     "VAELoader": {"vae_name": "vae"},

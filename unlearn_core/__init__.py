@@ -8,7 +8,8 @@ Public API (what the ComfyUI nodes and the CLI call):
 - :class:`ForgetTargets`, :class:`RememberSet`, :class:`UnlearnData`: what to forget and keep.
 - :class:`RectifiedFlow`, :class:`DDPMEpsilon`: forward processes (SD3 flow, epsilon DDPM).
 - :func:`train_unlearning`: the loop over any :class:`Denoiser`.
-- :func:`unlearn_diffusers`, :func:`lora_attached`: diffusers models (SD3 transformer, UNet2D).
+- :func:`unlearn_diffusers`, :func:`lora_attached`: diffusers models (SD3, Flux, Qwen-Image transformers;
+  SD1.5 / SDXL and pixel UNets).
 - :func:`build_surrogate`, :class:`DenoiserSampler`: surrogates through any :class:`Sampler` (the core's
   over a denoiser, or a host's).
 - :func:`save_lora`, :func:`load_lora`, :func:`to_mmdit`, :func:`to_diffusers`: LoRA files and formats.

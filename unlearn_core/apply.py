@@ -1,12 +1,13 @@
 """Use an unlearning result outside ComfyUI: merge it into a diffusers model or pipeline.
 
 A result is either a LoRA file in any key format this pack writes (``comfy``: ComfyUI-native
-keys, fused qkv for SD3; ``diffusers``: ``transformer.*.lora_A/B``), or a full-weights file from
+keys, fused qkv for SD3, kohya names for SD1.5 / SDXL; ``diffusers``: ``transformer.*.lora_A/B`` or
+``unet.*.lora_A/B``), or a full-weights file from
 ``adapter: "full"`` (:mod:`unlearn_core.full_weights`). Merging adds ``scale * alpha / rank * up @
 down`` to each named weight (in float64, then the weight's own dtype), which gives the same
 outputs as running the model with the LoRA attached; a full-weights file replaces every weight.
 
-- :func:`merge_into`: a loaded model (``UNet2DModel``, ``SD3Transformer2DModel``), in place;
+- :func:`merge_into`: a loaded model (any class of :data:`~unlearn_core.model_folders.COMPONENTS`), in place;
 - :func:`apply_to_pipeline`: a loaded pipeline's ``unet`` or ``transformer``, in place;
 - :func:`apply_to_folder`: a model or pipeline folder on disk -> a new folder that
   ``from_pretrained`` loads, written beside the target and renamed into place in one step, so a
@@ -30,7 +31,7 @@ from safetensors import safe_open
 from .errors import InputError
 from .files import atomic_write_text, file_sha256
 from .full_weights import FullWeights, is_full_weights, load_full_weights
-from .lora import LoraWeights, load_lora, to_diffusers
+from .lora import LoraWeights, from_kohya, load_lora, to_diffusers
 from .model_folders import COMPONENTS
 
 __all__ = ["load_result", "merge_into", "apply_to_pipeline", "apply_to_folder", "APPLIED_RECORD"]
@@ -41,7 +42,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 def load_result(path: str | Path) -> LoraWeights | FullWeights:
-    """A result file as LoRA weights (diffusers names) or full weights, whichever it holds."""
+    """A result file as LoRA weights (diffusers names; kohya names until merged) or full weights, whichever it holds."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"result file {str(path)!r} does not exist; give the .safetensors an unlearning job wrote")
@@ -82,6 +83,7 @@ def merge_into(model: torch.nn.Module, result: LoraWeights | FullWeights | str |
         model.load_state_dict(result.tensors, strict=True)
         return model
     weights = to_diffusers(result) if result.namespace == "mmdit" else result
+    weights = from_kohya(weights, (name for name, _ in model.named_modules()))  # kohya names are the model's, dotted
     if not weights.layers:
         raise InputError("the LoRA holds no layers; nothing to merge")
     planned = []
@@ -143,7 +145,8 @@ def _component_dir(folder: Path) -> tuple[Path | None, Path]:
     for name, cls in COMPONENTS.values():
         if isinstance(index.get(name), list) and cls in index[name] and (folder / name).is_dir():
             return folder, folder / name
-    raise InputError(f"pipeline {str(folder)!r} has no unet (UNet2DModel) or transformer (SD3Transformer2DModel) folder")
+    known = ", ".join(f"{name}/ {cls}" for name, cls in COMPONENTS.values())
+    raise InputError(f"pipeline {str(folder)!r} has no folder of a model results apply to ({known})")
 
 
 def apply_to_folder(model_dir: str | Path, result_path: str | Path, out_dir: str | Path, scale: float = 1.0) -> Path:

@@ -10,6 +10,7 @@ built, before any model is touched.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -30,6 +31,13 @@ FORGET_NOISES = ("own", "fresh")
 ADAPTERS = ("lora", "full")
 RATE_SCHEDULES = ("fixed", "raise")
 REMEMBER_TARGETS = ("data", "base")
+
+
+#: options only ours (method "surrogate") reads; the baselines keep their published losses
+OURS_ONLY = ("weighting", "gamma", "constant_lambda", "forget_space", "remember_weight", "balance", "balance_ratio",
+             "surgery", "forget_noise", "own_noise_spread", "repair_when_forgotten")  # fmt: skip
+NO_BITSANDBYTES = ("optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes (or the pack's lowmem extra), "
+                   "or choose optimizer adamw")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,34 @@ class UnlearnConfig:
         if self.remember_target == "base" and self.method != "surrogate":
             log.warning("remember_target='base' is an option of ours (method 'surrogate'); the %s baseline keeps its "
                         "published remember loss on the data", self.method)  # fmt: skip
+        if self.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError(NO_BITSANDBYTES)  # here, before a remember set is generated or a model loaded
+        for name, reason in self.ignored().items():
+            log.warning("%s=%r is ignored: %s", name, getattr(self, name), reason)
+
+    def ignored(self) -> dict[str, str]:
+        """Fields set away from their defaults that this combination never reads, each with the
+        field that makes it so (one reason per field: the first rule that applies)."""
+        rules = [
+            (self.method != "surrogate", OURS_ONLY, f"an option of ours (method='surrogate'), and method={self.method!r}"),
+            (self.method != "erasediff", ("erasediff_eta", "erasediff_noise"), f"EraseDiff's, and method={self.method!r}"),
+            (self.method != "siss", ("siss_scale",), f"SISS's, and method={self.method!r}"),
+            (self.adapter == "full", ("lora_rank", "lora_alpha", "target_modules"), "adapter='full' trains every weight"),
+            (self.balance == "none", ("balance_ratio",), "balance='none' does not bound the forget gradient"),
+            (self.weighting == "power", ("constant_lambda",), "weighting='power' uses gamma"),
+            (self.weighting == "constant", ("gamma",), "weighting='constant' uses constant_lambda"),
+            (self.forget_noise == "fresh", ("own_noise_spread",), "forget_noise='fresh' draws any noise"),
+            (not self.stop_when_forgotten, ("check_every", "check_confirmations", "check_margin", "check_nearby",
+                                            "repair_when_forgotten"), "stop_when_forgotten is off: nothing is checked"),
+            (self.rate_schedule == "fixed", ("raise_after", "raise_factor"), "rate_schedule='fixed' never raises the rate"),
+        ]  # fmt: skip
+        defaults = {name: option.default for name, option in options().items()}
+        found: dict[str, str] = {}
+        for applies, names, reason in rules:
+            for name in names:
+                if applies and name not in found and getattr(self, name) != defaults[name]:
+                    found[name] = reason
+        return found
 
     @property
     def effective_alpha(self) -> float:

@@ -1,24 +1,35 @@
 """LoRA weights: one in-memory form, the key formats hosts load, exact qkv conversion, safe files.
 
 In memory a LoRA is a :class:`LoraWeights`: module name -> :class:`LoraLayer` (down, up, alpha),
-with the weight delta ``alpha / rank * up @ down``. Module names live in one of two namespaces:
+with the weight delta ``alpha / rank * up @ down``. Module names live in one of these namespaces:
 
 - ``diffusers``: names inside a diffusers model (``transformer_blocks.0.attn.to_q``), what peft
-  trains on a diffusers model;
+  trains on a diffusers model; :attr:`LoraWeights.kind` says which network (SD3's, Flux's and
+  Qwen-Image's double blocks share these names, so the names alone cannot);
 - ``mmdit``: names inside ComfyUI's MMDiT (``joint_blocks.0.x_block.attn.qkv``), where q, k and v
   are one fused linear;
 - ``comfy``: names inside another ComfyUI diffusion model (a UNet's ``input_blocks...``), what the
-  ComfyUI host trains there; saved with ComfyUI's keys only.
+  ComfyUI host trains there; saved with ComfyUI's keys only;
+- ``kohya``: a file's ``lora_unet_<diffusers name, dots as underscores>`` names (SD1.5 / SDXL), read
+  back onto a model's own names with :func:`from_kohya`.
 
 :func:`to_mmdit` and :func:`to_diffusers` convert SD3 LoRAs between them without approximation:
 separate q/k/v LoRAs become one fused LoRA with the downs stacked and a block-diagonal up;
 a fused LoRA splits into row slices of its up (keeping only the columns each slice uses).
 
 Files (:func:`save_lora`) are safetensors written atomically with metadata, in the key format
-the reader wants (COMFYUI.md):
+the reader wants (docs/COMFYUI.md), by the network's kind:
 
-- ``comfy``: ``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_up.weight`` / ``lora_down`` / ``alpha``
-- ``diffusers``: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` / ``lora_B`` (scale folded in)
+- ``comfy``, keys ComfyUI's stock LoRA loader maps onto its own model, with ``lora_up`` /
+  ``lora_down`` / ``alpha``: SD3 ``diffusion_model.joint_blocks.0.x_block.attn.qkv`` (fused qkv);
+  Qwen-Image ``diffusion_model.transformer_blocks.0.attn.to_q`` (ComfyUI's Qwen-Image uses
+  diffusers' names); SD1.5 / SDXL ``lora_unet_down_blocks_1_attentions_0_..._attn1_to_q`` (kohya
+  names, which ComfyUI maps through its diffusers UNet table; it does not map peft's
+  ``unet.*.to_q`` names). Flux has none here: ComfyUI fuses q, k, v (and in single blocks the MLP
+  input) into one layer, and its loader reads Flux's diffusers keys, so save Flux as ``diffusers``.
+- ``diffusers``: peft names with the pipeline's component prefix, what diffusers'
+  ``load_lora_adapter`` / ``load_lora_weights`` read: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``
+  / ``lora_B`` (scale folded in); ``unet.`` for SD1.5 / SDXL UNets.
 """
 
 from __future__ import annotations
@@ -42,8 +53,12 @@ __all__ = [
     "to_diffusers",
     "state_dict_for",
     "parse_state_dict",
+    "from_kohya",
+    "check_key_format",
+    "default_key_format",
     "save_lora",
     "load_lora",
+    "sum_of",
     "reproduction_metadata",
     "REPRODUCTION_KEYS",
     "KEY_FORMATS",
@@ -52,6 +67,7 @@ __all__ = [
 ]
 
 KEY_FORMATS = ("comfy", "diffusers")
+_KOHYA_PREFIX = "lora_unet_"
 
 
 @dataclass
@@ -89,9 +105,37 @@ class LoraWeights:
     layers: dict[str, LoraLayer]
     namespace: str = "diffusers"
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the diffusers network the names belong to ('sd3', 'flux', 'qwen_image', 'unet', 'unet_cond'),
+    #: when known; decides the key formats (saved as the file's ``unlearn.model_kind``)
+    kind: str | None = None
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {name: layer.delta() for name, layer in self.layers.items()}
+
+
+def sum_of(loras: list[LoraWeights]) -> LoraWeights:
+    """One LoRA whose every delta is exactly the sum of the given LoRAs' deltas: per layer the
+    downs stacked and the ups side by side, each up carrying its own scale (rank = the sum of the
+    ranks, alpha = rank). Applying it equals applying all of them at strength 1 (for several
+    unlearning results one after another: the merged file of a model line). Their names must live
+    in one namespace of one network."""
+    if not loras:
+        raise InputError("nothing to sum: give at least one LoRA")
+    namespaces, kinds = {w.namespace for w in loras}, {w.kind for w in loras} - {None}
+    if len(namespaces) > 1 or len(kinds) > 1:
+        raise InputError(f"these LoRAs name layers of different networks or in different key formats "
+                         f"({sorted(namespaces)}, {sorted(kinds)}); convert them to one (unlearn_core.lora.to_diffusers)")  # fmt: skip
+    names = sorted({name for w in loras for name in w.layers})
+    layers = {}
+    for name in names:
+        parts = [w.layers[name].folded() for w in loras if name in w.layers]
+        shapes = {(p.up.shape[0], *p.down.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise InputError(f"layer {name} has different shapes in these LoRAs ({sorted(shapes)}): they are not of one model")
+        down = torch.cat([p.down.float() for p in parts], dim=0)
+        up = torch.cat([p.up.float() for p in parts], dim=1)
+        layers[name] = LoraLayer(down, up, float(down.shape[0]))
+    return LoraWeights(layers, loras[0].namespace, kind=next(iter(kinds), None))
 
 
 # --- SD3: diffusers <-> MMDiT names ------------------------------------------------------------
@@ -154,7 +198,7 @@ def to_mmdit(weights: LoraWeights) -> LoraWeights:
             column += rank
         down = torch.cat(downs) if downs else any_part.down.new_zeros(0, in_features)
         layers[name] = LoraLayer(down, up, float(total_rank))
-    return LoraWeights(dict(sorted(layers.items())), "mmdit", dict(weights.metadata))
+    return LoraWeights(dict(sorted(layers.items())), "mmdit", dict(weights.metadata), weights.kind)
 
 
 def to_diffusers(weights: LoraWeights) -> LoraWeights:
@@ -163,6 +207,9 @@ def to_diffusers(weights: LoraWeights) -> LoraWeights:
         return weights
     if weights.namespace == "comfy":
         raise InputError("this LoRA has ComfyUI module names of a model that is not SD3: save it with key format 'comfy'")
+    if weights.namespace == "kohya":
+        raise InputError("this LoRA has kohya names (lora_unet_...): read them onto the model's names with "
+                         "unlearn_core.lora.from_kohya")  # fmt: skip
     direct_back = {v: k for k, v in _DIRECT.items()}
     qkv_back = {(target, part): inner for inner, (target, part) in _QKV.items()}
     layers: dict[str, LoraLayer] = {}
@@ -185,30 +232,72 @@ def to_diffusers(weights: LoraWeights) -> LoraWeights:
                 continue
             up, down = rows[:, used], folded.down[used]
             layers[f"transformer_blocks.{block}.{qkv_back[(inner, part)]}"] = LoraLayer(down, up, float(down.shape[0]))
-    return LoraWeights(dict(sorted(layers.items())), "diffusers", dict(weights.metadata))
+    return LoraWeights(dict(sorted(layers.items())), "diffusers", dict(weights.metadata), weights.kind)
+
+
+def from_kohya(weights: LoraWeights, module_names) -> LoraWeights:
+    """kohya names (``lora_unet_`` + the diffusers name with dots as underscores) -> the names of a
+    model's modules (``module_names``), which make the mapping unambiguous."""
+    if weights.namespace != "kohya":
+        return weights
+    by_key = {_KOHYA_PREFIX + name.replace(".", "_"): name for name in module_names}
+    unknown = sorted(set(weights.layers) - set(by_key))
+    if unknown:
+        raise InputError(f"LoRA module {unknown[0]!r} names no layer of this model; apply the LoRA to the model it was "
+                         "trained on")  # fmt: skip
+    layers = {by_key[name]: layer for name, layer in weights.layers.items()}
+    return LoraWeights(dict(sorted(layers.items())), "diffusers", dict(weights.metadata), weights.kind)
 
 
 # --- key formats -------------------------------------------------------------------------------
 
+#: the pipeline component a diffusers-format LoRA's keys start with (load_lora_adapter's prefix)
+_DIFFUSERS_PREFIX = {"unet_cond": "unet."}
+#: kinds with no 'comfy' key format here (see the module docstring), and what to use instead
+_NO_COMFY_KEYS = {
+    "flux": "ComfyUI fuses Flux's q, k and v (and in single blocks the MLP input) into one layer, and its LoRA loader "
+            "reads Flux's diffusers keys: save with key format 'diffusers'",
+}
+
+
+def default_key_format(kind: str | None) -> str:
+    """'comfy' where this module writes ComfyUI's keys for ``kind``, else 'diffusers'."""
+    return "diffusers" if kind in _NO_COMFY_KEYS else "comfy"
+
+
+def check_key_format(kind: str | None, key_format: str) -> None:
+    """Refuse a key format that cannot be written for ``kind``, saying which one to use."""
+    if key_format not in KEY_FORMATS:
+        raise InputError(f"unknown LoRA key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
+    if key_format == "comfy" and kind in _NO_COMFY_KEYS:
+        raise InputError(f"key format 'comfy' is not written for a {kind} LoRA: {_NO_COMFY_KEYS[kind]}")
+
+
 def state_dict_for(weights: LoraWeights, key_format: str) -> dict[str, torch.Tensor]:
-    """Tensors keyed for ``key_format``: 'comfy' (native MMDiT keys) or 'diffusers'."""
+    """Tensors keyed for ``key_format``: 'comfy' (ComfyUI's keys) or 'diffusers' (peft's)."""
+    check_key_format(weights.kind if weights.namespace == "diffusers" else None, key_format)
     if key_format == "comfy":
-        mmdit = to_mmdit(weights) if _is_sd3(weights) else weights
+        if weights.namespace == "kohya":
+            names = dict(weights.layers)  # a kohya file's names, kept
+        elif weights.namespace == "diffusers" and weights.kind == "unet_cond":
+            names = {_KOHYA_PREFIX + name.replace(".", "_"): layer for name, layer in weights.layers.items()}
+        else:
+            mmdit = to_mmdit(weights) if _is_sd3(weights) else weights
+            names = {f"diffusion_model.{name}": layer for name, layer in mmdit.layers.items()}
         tensors = {}
-        for name, layer in mmdit.layers.items():
-            tensors[f"diffusion_model.{name}.lora_down.weight"] = layer.down
-            tensors[f"diffusion_model.{name}.lora_up.weight"] = layer.up
-            tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(layer.alpha)
+        for name, layer in names.items():
+            tensors[f"{name}.lora_down.weight"] = layer.down
+            tensors[f"{name}.lora_up.weight"] = layer.up
+            tensors[f"{name}.alpha"] = torch.tensor(layer.alpha)
         return _contiguous(tensors)
-    if key_format == "diffusers":
-        plain = to_diffusers(weights)
-        tensors = {}
-        for name, layer in plain.layers.items():
-            folded = layer.folded()
-            tensors[f"transformer.{name}.lora_A.weight"] = folded.down
-            tensors[f"transformer.{name}.lora_B.weight"] = folded.up
-        return _contiguous(tensors)
-    raise InputError(f"unknown LoRA key format {key_format!r}; choose one of {', '.join(KEY_FORMATS)}")
+    plain = to_diffusers(weights)
+    prefix = _DIFFUSERS_PREFIX.get(weights.kind, "transformer.")
+    tensors = {}
+    for name, layer in plain.layers.items():
+        folded = layer.folded()
+        tensors[f"{prefix}{name}.lora_A.weight"] = folded.down
+        tensors[f"{prefix}{name}.lora_B.weight"] = folded.up
+    return _contiguous(tensors)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,9 +305,11 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _is_sd3(weights: LoraWeights) -> bool:
-    if weights.namespace == "mmdit":
-        return True
-    return all(_DIFFUSERS_BLOCK.match(name) for name in weights.layers)
+    if weights.namespace != "diffusers":  # ComfyUI's own names: MMDiT's, or another network's as they are
+        return weights.namespace == "mmdit"  # (Qwen-Image's are spelled like diffusers' SD3 names)
+    if weights.kind is not None:  # Flux's and Qwen-Image's double blocks are named like SD3's blocks
+        return weights.kind == "sd3"
+    return all(_DIFFUSERS_BLOCK.match(name) for name in weights.layers)  # a LoRA of unrecorded origin
 
 
 _SUFFIXES = {
@@ -253,7 +344,12 @@ def parse_state_dict(tensors: dict[str, torch.Tensor]) -> LoraWeights:
         rank = roles["down"].shape[0]
         alpha = float(roles["alpha"]) if "alpha" in roles else float(rank)
         layers[module] = LoraLayer(roles["down"], roles["up"], alpha)
-    namespace = "mmdit" if any(name.startswith("joint_blocks.") for name in layers) else "diffusers"
+    if any(name.startswith("joint_blocks.") for name in layers):
+        namespace = "mmdit"
+    elif layers and all(name.startswith(_KOHYA_PREFIX) for name in layers):
+        namespace = "kohya"
+    else:
+        namespace = "diffusers"
     return LoraWeights(dict(sorted(layers.items())), namespace)
 
 
@@ -294,6 +390,8 @@ def save_lora(
     if not tensors:
         raise InputError("the LoRA holds no layers; nothing to save")
     merged = {**weights.metadata, **(metadata or {}), "unlearn.key_format": key_format}
+    if weights.kind is not None:
+        merged["unlearn.model_kind"] = weights.kind
     text = {key: value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in merged.items()}
     with atomic_path(path) as temporary:
         temporary.write_bytes(safetensors_bytes(tensors, text))
@@ -356,4 +454,5 @@ def load_lora(path: str | Path) -> LoraWeights:
     tensors, metadata = read_safetensors(path, "LoRA file")
     weights = parse_state_dict(tensors)
     weights.metadata = metadata
+    weights.kind = metadata.get("unlearn.model_kind")  # which network the names belong to, when recorded
     return weights

@@ -1,4 +1,4 @@
-"""Image metrics for forgetting and integrity (METHOD.md section 8).
+"""Image metrics for forgetting and integrity (docs/METHOD.md section 8).
 
 All functions take image batches (N, C, H, W) with values in [0, 1] (:func:`to_unit` maps model
 space [-1, 1] there) and return per-sample tensors (N,). LPIPS needs a pretrained backbone that cannot be downloaded everywhere: when it

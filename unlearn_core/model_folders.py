@@ -3,20 +3,24 @@
 A job's ``model`` section names one of:
 
 - a pipeline folder (``model_index.json`` with ``unet/`` or ``transformer/`` and ``scheduler/``,
-  as ``DDPMPipeline.save_pretrained`` or ``StableDiffusion3Pipeline.save_pretrained`` write it):
-  the network and its schedule are both found inside;
+  as ``save_pretrained`` of DDPMPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+  StableDiffusion3Pipeline, FluxPipeline or QwenImagePipeline writes it): the network and its
+  schedule are both found inside, and the kind (:data:`COMPONENTS`) from the network's class;
 - a model folder inside such a pipeline (``pipeline/unet``): the schedule is its sibling
   ``scheduler/``;
 - a lone model folder (``config.json`` and weights) with ``"scheduler": "path"`` naming a folder
   with ``scheduler_config.json`` (or that file).
 
-An epsilon UNet without a findable schedule is refused: the beta schedule decides every noise
-level, and a guessed one (linear betas for a cosine model) trains towards the wrong targets
-without any error. SD3 transformers take the pipeline's ``shift`` when there is a scheduler
-config, else ``model.shift`` or SD3's 3.0.
+A UNet without a findable schedule is refused: the beta schedule decides every noise level, and
+a guessed one (linear betas for a cosine model) trains towards the wrong targets without any
+error. The flow transformers (sd3, flux, qwen_image) take ``model.shift`` when given, else their
+scheduler config's: its ``shift``, or with ``use_dynamic_shifting`` (Flux.1 dev, Qwen-Image) the
+shift the pipeline computes for the targets' resolution (:func:`dynamic_shift`). Without a
+scheduler config an SD3 transformer takes SD3's 3.0; Flux and Qwen-Image are refused.
 
 Sampling clips x0 exactly as the model's own scheduler does (``clip_sample`` and
-``clip_sample_range``), unless ``model.clip`` says otherwise (a number, or null for none).
+``clip_sample_range``; a latent UNet's only when its config says so), unless ``model.clip`` says
+otherwise (a number, or null for none).
 
 :func:`locate` reads only JSON and checks everything; :func:`load` then loads the weights, and
 :class:`ModelCache` keeps the last loaded network for the next job on the same model.
@@ -37,13 +41,24 @@ from .errors import InputError
 from .files import file_sha256
 from .process import DDPMEpsilon, DDPMVelocity, ForwardProcess, RectifiedFlow
 
-__all__ = ["ModelSource", "LoadedModel", "ModelCache", "locate", "load", "MODEL_KINDS", "COMPONENTS"]
+__all__ = ["ModelSource", "LoadedModel", "ModelCache", "locate", "load", "dynamic_shift", "MODEL_KINDS", "COMPONENTS",
+           "FLOW_KINDS"]
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("sd3", "unet")
 #: kind -> (the pipeline's component folder, the diffusers class)
-COMPONENTS = {"sd3": ("transformer", "SD3Transformer2DModel"), "unet": ("unet", "UNet2DModel")}
+COMPONENTS = {
+    "sd3": ("transformer", "SD3Transformer2DModel"),
+    "flux": ("transformer", "FluxTransformer2DModel"),
+    "qwen_image": ("transformer", "QwenImageTransformer2DModel"),
+    "unet": ("unet", "UNet2DModel"),
+    "unet_cond": ("unet", "UNet2DConditionModel"),
+}
+MODEL_KINDS = tuple(COMPONENTS)
+#: rectified-flow kinds; the others are DDPM UNets with an epsilon or v schedule
+FLOW_KINDS = ("sd3", "flux", "qwen_image")
+#: the dynamic-shift fields of a flow scheduler config, with the defaults the pipelines use
+DYNAMIC_SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 MODEL_KEYS = {"path", "kind", "shift", "scheduler", "clip"}
 SD3_DEFAULT_SHIFT = 3.0
 
@@ -54,23 +69,39 @@ class ModelSource:
 
     kind: str
     model_dir: Path
-    scheduler_config: dict | None  # the epsilon or v schedule (unet); None for sd3
-    shift: float | None  # sd3 only
+    #: the epsilon or v schedule (UNet kinds); a flow kind's scheduler config when it shifts by
+    #: resolution (``shift`` is then None); else None
+    scheduler_config: dict | None
+    shift: float | None  # flow kinds: the fixed shift, or None for the resolution's (dynamic_shift)
     clip: float | None  # x0 clamp while sampling, as the model's own sampler does
 
-    def process(self, device: str | torch.device = "cpu") -> ForwardProcess:
+    def flow_shift(self, latent_size: tuple[int, int] | None = None) -> float:
+        """The rectified flow's shift: the fixed one, or the pipeline's for latents of ``latent_size``."""
+        if self.shift is not None:
+            return self.shift
+        if latent_size is None:
+            raise ValueError(f"the {self.kind} scheduler shifts by resolution: give the latent size (H, W)")
+        return dynamic_shift(self.scheduler_config, latent_size)
+
+    def process(self, device: str | torch.device = "cpu", latent_size: tuple[int, int] | None = None) -> ForwardProcess:
         """The forward process; an epsilon schedule's table lives on ``device``, where the noise
-        levels it is indexed with are."""
-        if self.kind == "sd3":
-            return RectifiedFlow(shift=self.shift)
+        levels it is indexed with are. ``latent_size`` (H, W) sets a resolution-dependent shift."""
+        if self.kind in FLOW_KINDS:
+            return RectifiedFlow(shift=self.flow_shift(latent_size))
         scheduler = _ddpm_scheduler(self.scheduler_config)
         kind = DDPMVelocity if scheduler.config.prediction_type == "v_prediction" else DDPMEpsilon
         return kind(scheduler.alphas_cumprod.to(device))
 
-    def describe(self) -> dict:
-        """What the audit record says about the base model."""
-        return {"kind": self.kind, "folder": str(self.model_dir), "shift": self.shift, "clip": self.clip,
-                "schedule": self.scheduler_config}  # fmt: skip
+    def describe(self, latent_size: tuple[int, int] | None = None) -> dict:
+        """What the audit record says about the base model (the shift at ``latent_size``, if it depends on it)."""
+        shift = None
+        if self.kind in FLOW_KINDS and (self.shift is not None or latent_size is not None):
+            shift = self.flow_shift(latent_size)
+        record = {"kind": self.kind, "folder": str(self.model_dir), "shift": shift, "clip": self.clip,
+                  "schedule": self.scheduler_config}  # fmt: skip
+        if self.kind in FLOW_KINDS and self.shift is None:
+            record["shift_rule"] = "use_dynamic_shifting" + (f" at {latent_size[0]}x{latent_size[1]} latents" if latent_size else "")
+        return record
 
 
 @dataclass
@@ -105,9 +136,10 @@ def _component(pipeline_dir: Path, index: dict, kind: str | None) -> tuple[str, 
     found = [k for k, (folder, cls) in COMPONENTS.items() if isinstance(index.get(folder), list) and cls in index[folder]]
     if kind is None:
         if len(found) != 1:
+            known = ", ".join(f"{folder}/ {cls}" for folder, cls in COMPONENTS.values())
             raise InputError(
-                f"pipeline {str(pipeline_dir)!r} ({index.get('_class_name')}) has no unet (UNet2DModel) or transformer "
-                "(SD3Transformer2DModel) component; set model.kind and point model.path at the model folder"
+                f"pipeline {str(pipeline_dir)!r} ({index.get('_class_name')}) has no component unlearning trains ({known}); "
+                "set model.kind and point model.path at the model folder"
             )
         kind = found[0]
     folder = COMPONENTS[kind][0]
@@ -143,7 +175,7 @@ def _scheduler_config(base_dir: Path, spec: dict, pipeline_dir: Path | None, mod
         return _read_json(path, "model.scheduler")
     if pipeline_dir is not None and (pipeline_dir / "scheduler" / "scheduler_config.json").is_file():
         return _read_json(pipeline_dir / "scheduler" / "scheduler_config.json", "the pipeline's scheduler config")
-    if kind == "unet":
+    if kind not in FLOW_KINDS:
         raise InputError(
             f"no noise schedule for the UNet at {str(model_dir)!r}: add \"scheduler\": \"path/to/scheduler\" (the folder "
             "with scheduler_config.json) to the job's model section, or give the pipeline folder (model_index.json, "
@@ -163,13 +195,17 @@ def _ddpm_scheduler(config: dict):
         raise InputError(f"the UNet's scheduler config cannot be read as a DDPM schedule ({error})") from None
 
 
-def _unet_clip(config: dict) -> float | None:
+def _unet_clip(config: dict, kind: str) -> float | None:
     scheduler = _ddpm_scheduler(config).config  # its defaults for fields the file leaves out
     if scheduler.prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
             f"the UNet's schedule predicts {scheduler.prediction_type!r}; unlearning trains epsilon- and v-prediction "
             "UNets (prediction_type epsilon or v_prediction)"
         )
+    if kind == "unet_cond" and not (config.get("clip_sample") or config.get("thresholding")):
+        # SD/SDXL pipelines' schedulers (PNDM, Euler, DDIM with clip_sample false) leave latents
+        # unclipped; DDPMScheduler's default clip_sample=True would clamp them to +-1
+        return None
     if scheduler.thresholding:
         log.warning("the schedule uses dynamic thresholding, which this sampler does not reproduce; samples are clipped "
                     "to +-%s (sample_max_value) instead", scheduler.sample_max_value)  # fmt: skip
@@ -177,24 +213,73 @@ def _unet_clip(config: dict) -> float | None:
     return float(scheduler.clip_sample_range) if scheduler.clip_sample else None
 
 
-def _sd3_shift(spec: dict, config: dict | None) -> float:
+def dynamic_shift(config: dict, latent_size: tuple[int, int]) -> float:
+    r"""The shift k (of s = k u / (1 + (k - 1) u)) a pipeline uses for latents of ``latent_size``
+    when its scheduler has ``use_dynamic_shifting`` (Flux.1 dev, Qwen-Image).
+
+    As FluxPipeline / QwenImagePipeline (diffusers' ``calculate_shift``; StableDiffusion3Pipeline
+    counts its 2x2 patches alike): mu is linear in the number of image tokens, (H/2)(W/2), through
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift); the scheduler's time shift
+    exp(mu) / (exp(mu) + 1/s - 1) is the shift above with k = exp(mu) (``time_shift_type``
+    "exponential", the default), and mu / (mu + 1/s - 1) has k = mu ("linear"). ``shift_terminal``
+    (Qwen-Image) only stretches the pipeline's inference grid and does not enter training; the
+    core's sampler keeps its own grid down to 0.
+    """
+    fields = {key: config.get(key, default) for key, default in DYNAMIC_SHIFT_DEFAULTS.items()}
+    tokens = (latent_size[0] // 2) * (latent_size[1] // 2)
+    slope = (fields["max_shift"] - fields["base_shift"]) / (fields["max_image_seq_len"] - fields["base_image_seq_len"])
+    mu = fields["base_shift"] + slope * (tokens - fields["base_image_seq_len"])
+    if config.get("time_shift_type", "exponential") == "linear":
+        if mu <= 0:
+            raise InputError(f"the scheduler's linear dynamic shift gives mu={mu:.4g} at {latent_size[0]}x{latent_size[1]} "
+                             "latents, which is no shift; give model.shift")  # fmt: skip
+        return float(mu)
+    return math.exp(mu)
+
+
+def _check_dynamic_shift(config: dict) -> None:
+    for key in DYNAMIC_SHIFT_DEFAULTS:
+        value = config.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"the scheduler config's {key}={value!r} must be a number (use_dynamic_shifting reads it); "
+                             "fix scheduler_config.json or give model.shift")  # fmt: skip
+    if config.get("max_image_seq_len", 4096) == config.get("base_image_seq_len", 256):
+        raise InputError("the scheduler config's base_image_seq_len and max_image_seq_len are equal, so its dynamic shift "
+                         "is undefined; fix scheduler_config.json or give model.shift")  # fmt: skip
+    if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        raise InputError(f"the scheduler config's time_shift_type={config.get('time_shift_type')!r} is neither "
+                         "'exponential' nor 'linear'; fix scheduler_config.json or give model.shift")  # fmt: skip
+
+
+def _flow_shift(spec: dict, config: dict | None, kind: str, model_dir: Path) -> tuple[float | None, dict | None]:
+    """(the fixed shift or None, the scheduler config when the shift depends on the resolution)."""
     given = spec.get("shift")
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, int | float) or not (math.isfinite(given) and 0.01 <= given <= 100):
             raise InputError(f"model.shift={given!r} is outside [0.01, 100.0]; give a value in that range")
+        given = float(given)
+    if config is not None and config.get("use_dynamic_shifting"):
+        if given is not None:
+            log.warning("model.shift=%s overrides the pipeline scheduler's resolution-dependent shift", given)
+            return given, None
+        _check_dynamic_shift(config)
+        return None, config
     if config is not None:
-        if config.get("use_dynamic_shifting"):
-            raise InputError("the pipeline's scheduler shifts its schedule by image size (use_dynamic_shifting), which "
-                             "the SD3 path does not reproduce; give model.shift for your resolution")  # fmt: skip
         found = float(config.get("shift", 1.0))
-        if given is not None and float(given) != found:
+        if given is not None and given != found:
             log.warning("model.shift=%s overrides the pipeline scheduler's shift %s", given, found)
-        return float(given) if given is not None else found
-    if given is None:
+        return (given if given is not None else found), None
+    if given is not None:
+        return given, None
+    if kind == "sd3":
         log.info("no scheduler config beside the transformer: using SD3's shift %s (set model.shift to change it)",
                  SD3_DEFAULT_SHIFT)  # fmt: skip
-        return SD3_DEFAULT_SHIFT
-    return float(given)
+        return SD3_DEFAULT_SHIFT, None
+    raise InputError(
+        f"no scheduler config for the {COMPONENTS[kind][1]} at {str(model_dir)!r}, so its shift is unknown: give the "
+        "pipeline folder (model_index.json, transformer/, scheduler/) as model.path, or add \"scheduler\": "
+        "\"path/to/scheduler\" or \"shift\" to the job's model section"
+    )
 
 
 def _clip(spec: dict, default: float | None) -> float | None:
@@ -217,7 +302,7 @@ def locate(spec, base_dir: Path) -> ModelSource:
         raise InputError(f"unknown model keys {unknown}; known: {sorted(MODEL_KEYS)}")
     kind = spec.get("kind")
     if kind is not None and kind not in MODEL_KINDS:
-        raise InputError(f"model.kind must be 'sd3' or 'unet', got {kind!r}")
+        raise InputError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
     path = _resolve(base_dir, spec.get("path"), "model.path")
     pipeline_dir = None
     if (path / "model_index.json").is_file():
@@ -228,12 +313,17 @@ def locate(spec, base_dir: Path) -> ModelSource:
         if (path.parent / "model_index.json").is_file():  # a model folder inside a pipeline: its schedule is beside it
             pipeline_dir = path.parent
         if kind is None:
-            raise InputError("model.kind must be 'sd3' or 'unet' (or point model.path at a pipeline folder), got None")
+            raise InputError(f"model.kind must be one of {', '.join(MODEL_KINDS)} (or point model.path at a pipeline "
+                             "folder), got None")  # fmt: skip
     _check_model_folder(model_dir, kind)
     config = _scheduler_config(base_dir, spec, pipeline_dir, model_dir, kind)
-    if kind == "unet":
-        return ModelSource("unet", model_dir, config, None, _clip(spec, _unet_clip(config)))
-    return ModelSource("sd3", model_dir, None, _sd3_shift(spec, config), _clip(spec, None))
+    if kind not in FLOW_KINDS:
+        if spec.get("shift") is not None:
+            raise InputError(f"model.shift shifts a rectified flow; a {kind} model's noise levels come from its DDPM "
+                             "schedule: remove shift from the job's model section")  # fmt: skip
+        return ModelSource(kind, model_dir, config, None, _clip(spec, _unet_clip(config, kind)))
+    shift, dynamic_config = _flow_shift(spec, config, kind, model_dir)
+    return ModelSource(kind, model_dir, dynamic_config, shift, _clip(spec, None))
 
 
 def _load_pretrained(source: ModelSource) -> torch.nn.Module:

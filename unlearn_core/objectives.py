@@ -1,4 +1,4 @@
-r"""The unlearning objectives: ours (surrogate forget loss) and the baselines of METHOD.md section 9.
+r"""The unlearning objectives: ours (surrogate forget loss) and the baselines of docs/METHOD.md section 9.
 
 Each objective describes one training step as a *forget half* and a *remember half* (the noisy
 inputs of each and how to score the model's prediction on them, :class:`HalfBatch`) and says how
@@ -6,7 +6,7 @@ to combine the two gradients; the trainer decides how to run the halves (see
 :mod:`unlearn_core.trainer`). All losses are computed in the host-agnostic x0 form
 (:func:`unlearn_core.process.x0_space_loss`), which equals the native epsilon/velocity MSE.
 
-Ours (METHOD.md sections 3-5), per sample with noise fraction t, :math:`\lambda(t)` and the
+Ours (docs/METHOD.md sections 3-5), per sample with noise fraction t, :math:`\lambda(t)` and the
 native weight :math:`w(t)` (:mod:`unlearn_core.weighting` says why the forget half drops it):
 
 .. math::

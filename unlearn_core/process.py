@@ -7,11 +7,11 @@ Every process here is affine in the clean image:
 where ``t`` is the *noise fraction* (0 = clean, 1 = pure noise) that the timestep weighting
 :math:`\lambda(t)` reads. The network predicts some parameterisation of that point (epsilon for
 DDPM, velocity :math:`v = \epsilon - x_0` for rectified flow); the trainer works in the
-host-agnostic x0 form (METHOD.md section 2): a denoiser returns :math:`\hat x_0` and the loss is
+host-agnostic x0 form (docs/METHOD.md section 2): a denoiser returns :math:`\hat x_0` and the loss is
 :math:`w(t)\,\lVert \hat x_0 - x_0^{target} \rVert^2`, where :math:`w(t)` is chosen so that this is
 *exactly* the native epsilon- or velocity-space MSE.
 
-The surrogate target (METHOD.md section 3) is the native target that a clean image ``x~`` would
+The surrogate target (docs/METHOD.md section 3) is the native target that a clean image ``x~`` would
 need to explain the noisy point made from the *forget* image:
 :math:`\tilde\epsilon = (x_t^f - \alpha x~) / \sigma`; for flow :math:`\tilde v = (x_s^f - x~)/s`.
 Denoising :math:`x_t^f` one exact step with that target lands on ``x~`` (tested).
@@ -227,7 +227,7 @@ def x0_space_loss(
     """Per-sample loss w(t) * mean((x0_hat - x0_target)^2), shape (B,).
 
     With the process's :meth:`ForwardProcess.x0_loss_weight` this equals the native MSE of
-    METHOD.md (eps or v space); a host that only exposes x0 predictions (ComfyUI) uses it as is,
+    docs/METHOD.md (eps or v space); a host that only exposes x0 predictions (ComfyUI) uses it as is,
     with its own weight 1 / sigma^2.
     """
     if x0_hat.shape != x0_target.shape:

@@ -17,9 +17,28 @@ output::
 
 The targets file holds ``targets`` (N, C, H, W), optionally ``surrogates`` of the same shape and
 ``remember`` (M, C, H, W), optionally ``noise`` (N, C, H, W), and conditioning tensors with a
-batch dimension of N (for the targets) and, prefixed with ``remember.``, of M. SD3 needs
-``encoder_hidden_states`` and ``pooled_projections``; unconditional UNets need none. Relative
-paths are read from the job file's folder; the output path must stay inside the output folder.
+batch dimension of N (for the targets) and, prefixed with ``remember.``, of M. Targets are latents
+as the network takes them (after the VAE's scaling and shift); Flux and Qwen-Image latents
+unpacked, (N, 16, H, W) with H and W even (the backend packs 2x2 patches as their pipelines do;
+Qwen-Image's frame axis of one left out). The conditioning by ``model.kind``
+(:data:`~unlearn_core.backends.diffusers_backend.CONDITIONING`; any other name is refused):
+
+- ``sd3``: ``encoder_hidden_states`` (N, L, 4096) and ``pooled_projections`` (N, 2048);
+- ``flux``: ``encoder_hidden_states`` (N, L, 4096; T5), ``pooled_projections`` (N, 768; CLIP),
+  and for Flux.1 dev (``guidance_embeds``) ``guidance`` (N,), the guidance scale the target was
+  sampled with (FluxPipeline's ``guidance_scale``, 3.5 by default); schnell takes no guidance;
+- ``qwen_image``: ``encoder_hidden_states`` (N, L, 3584), optionally
+  ``encoder_hidden_states_mask`` (N, L; 1 for prompt tokens, 0 for padding);
+- ``unet``: nothing, or ``class_labels`` (N,) for a class-conditional UNet;
+- ``unet_cond``: ``encoder_hidden_states`` (N, 77, 768 for SD1.5, 1024 for SD2, 2048 for SDXL),
+  and for SDXL ``text_embeds`` (N, 1280) and ``time_ids`` (N, 6; original size, crop corner,
+  target size, as StableDiffusionXLPipeline builds them).
+
+``key_format`` defaults to ``comfy``, keys ComfyUI's stock LoRA loader maps onto its model (SD3's
+fused MMDiT names, Qwen-Image's own, kohya names for SD1.5 / SDXL; :mod:`unlearn_core.lora`), and
+to ``diffusers`` for Flux, whose ComfyUI layers fuse what diffusers keeps apart (ComfyUI's loader
+reads Flux's diffusers keys; a 'comfy' Flux job is refused before any work). Relative paths are
+read from the job file's folder; the output path must stay inside the output folder.
 
 **Each target's noise** (what its sampler started from) is what verified stopping regenerates it
 from, and what ours draws its forget points around. The convention is the core sampler's
@@ -69,7 +88,14 @@ from .data import ForgetTargets, RememberSet, UnlearnData
 from .errors import InputError
 from .files import atomic_path, atomic_write_text, file_sha256, safe_child, tensor_hash
 from .full_weights import save_full_weights
-from .lora import KEY_FORMATS, reproduction_metadata, safetensors_bytes, save_lora
+from .lora import (
+    KEY_FORMATS,
+    check_key_format,
+    default_key_format,
+    reproduction_metadata,
+    safetensors_bytes,
+    save_lora,
+)
 from .metrics import CopyDetector, PixelCopyDetector, TorchScriptCopyDetector, copy_similarity
 from .model_folders import LoadedModel, ModelCache, ModelSource, locate
 from .previews import save_training_preview
@@ -163,8 +189,8 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
     if unknown:
         raise InputError(f"unknown job keys {unknown}; known: {sorted(KNOWN_KEYS)}")
     config = UnlearnConfig.from_dict(_section(job.get("config", {}), "config"))
-    key_format = job.get("key_format", "comfy")
-    if key_format not in KEY_FORMATS:
+    key_format = job.get("key_format")
+    if key_format is not None and key_format not in KEY_FORMATS:
         raise InputError(f"key_format={key_format!r} is not one of: {', '.join(KEY_FORMATS)}")
     if config.adapter == "full" and "key_format" in job:
         raise InputError("key_format names LoRA key layouts, but adapter 'full' writes every weight under the model's own "
@@ -200,6 +226,9 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
         raise InputError(f"seeds={seeds!r} must be a list of whole numbers in [0, 2^63), one per target")
     targets_path = _path(base_dir, job.get("targets"), "targets")
     source = locate(job.get("model", {}), base_dir)
+    key_format = key_format or default_key_format(source.kind)
+    if config.adapter != "full":
+        check_key_format(source.kind, key_format)  # before any work, not after training
     return JobPlan(job, config, key_format, output, source, targets_path, surrogate, remember, check, seeds)
 
 
@@ -370,7 +399,8 @@ def run_job(
     plan = plan_job(job, Path(base_dir), None if out_dir is None else Path(out_dir))
     tensors = _read_targets(plan)
     loaded, loaded_now = (models or ModelCache()).get(plan.source)
-    process = loaded.source.process(next(loaded.model.parameters()).device)
+    latent_size = tuple(tensors["targets"].shape[-2:])  # a resolution-dependent flow shift is the targets' one
+    process = loaded.source.process(next(loaded.model.parameters()).device, latent_size)
     data, ranges, targets_record, detector = _training_data(loaded, process, plan, tensors)
     check = CheckSettings(detector, plan.check["forget_below"], plan.check["steps"], loaded.source.clip)
     outcome = unlearn_diffusers(loaded.model, process, data, plan.config, callback=callback, should_stop=should_stop,
@@ -411,6 +441,6 @@ def run_job(
         "verification": outcome.training.verification,
         "files": {path.name: file_sha256(path) for path in (weights, training, preview)},
     }
-    base_model = {**loaded.source.describe(), "files_sha256": loaded.fingerprint}
+    base_model = {**loaded.source.describe(latent_size), "files_sha256": loaded.fingerprint}
     atomic_write_text(report, json.dumps({**result, "report": report.name, "base_model": base_model}, indent=2, sort_keys=True))
     return {**result, "report": str(report)}

@@ -1,6 +1,6 @@
 r"""Gradient surgery between the forget gradient :math:`g_f` and the remember gradient :math:`g_r`.
 
-METHOD.md section 5. Gradients are flat vectors over all trainable parameters (the trainer
+docs/METHOD.md section 5. Gradients are flat vectors over all trainable parameters (the trainer
 concatenates the LoRA tensors once per pass, so every operation here is one vector op). When
 the two conflict (:math:`\langle g_f, g_r\rangle < 0`) the forget gradient loses its component
 along :math:`g_r`:

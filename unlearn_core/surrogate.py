@@ -1,4 +1,4 @@
-"""Surrogates: mildly edited copies of a target that keep its structure (METHOD.md section 6).
+"""Surrogates: mildly edited copies of a target that keep its structure (docs/METHOD.md section 6).
 
 :func:`build_surrogate` makes one for every caller (the ComfyUI node, the demo, the provider
 jobs, the benchmarks), by one of :data:`SURROGATE_KINDS`:

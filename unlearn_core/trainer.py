@@ -1,6 +1,6 @@
 """The unlearning loop: forget and remember gradients, their combination, guards, progress, stop.
 
-One step (METHOD.md section 5):
+One step (docs/METHOD.md section 5):
 
 1. draw the step's indices, noise levels and noise (one generator, so a seed fixes the run);
 2. g_f and g_r, the gradients of the forget half's and the remember half's loss. When the
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import UnlearnConfig
+from .config import NO_BITSANDBYTES, UnlearnConfig
 from .data import UnlearnData
 from .denoiser import Denoiser, concat
 from .errors import InputError, TrainingDiverged, TrainingStopped
@@ -114,8 +114,7 @@ def make_optimizer(params: list[torch.nn.Parameter], config: UnlearnConfig) -> t
     try:
         import bitsandbytes
     except ImportError as error:
-        raise InputError("optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes "
-                         "(or the pack's lowmem extra), or choose optimizer adamw") from error  # fmt: skip
+        raise InputError(NO_BITSANDBYTES) from error  # installed but broken: the config found it
     return bitsandbytes.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=0.0)
 
 

@@ -1,6 +1,6 @@
 r"""Timestep-aware weights: :math:`\lambda(t)` and where each loss really acts over t.
 
-METHOD.md section 4: high-noise timesteps shape global structure, low-noise ones fine detail,
+docs/METHOD.md section 4: high-noise timesteps shape global structure, low-noise ones fine detail,
 so forgetting is emphasised at high noise and remembering at low noise, per sample:
 
 .. math::  L = \lambda(t)\, L_f + \rho_r(t)\, L_r

@@ -37,7 +37,8 @@ def generate(comfy_nodes, model, vae, conditioning, seed: int, batch: int = 2, s
     with torch.inference_mode():
         empty = {"samples": torch.zeros(batch, channels, SIZE // 8, SIZE // 8)}
         if negative is None:
-            negative = [[torch.zeros_like(conditioning[0][0]), {"pooled_output": torch.zeros_like(conditioning[0][1]["pooled_output"])}]]
+            negative = [[torch.zeros_like(conditioning[0][0]), {k: torch.zeros_like(v) for k, v in conditioning[0][1].items()
+                                                                if isinstance(v, torch.Tensor)}]]  # fmt: skip
         latent = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "sgm_uniform", conditioning, negative, empty)[0]
         images = comfy_nodes.VAEDecode().decode(vae, latent)[0]
     return latent, images
@@ -61,14 +62,15 @@ def prompt_for(seed: int, steps: int = 3, cfg: float = 2.0) -> tuple[dict, str]:
 def denoiser_output(model, conditioning, seed: int = 5) -> torch.Tensor:
     """One x0 prediction of a patcher at a fixed input: compares models bit for bit."""
     import comfy.model_management
+    import comfy.sample
 
     generator = torch.Generator().manual_seed(seed)
     channels = model.model.latent_format.latent_channels
-    x = torch.randn(1, channels, SIZE // 8, SIZE // 8, generator=generator)
+    x = comfy.sample.fix_empty_latent_channels(model, torch.randn(1, channels, SIZE // 8, SIZE // 8, generator=generator))
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model])
-        tensors = model.model.extra_conds(cross_attn=conditioning[0][0], pooled_output=conditioning[0][1]["pooled_output"],
-                                          device=x.device, noise=x)  # fmt: skip
+        extra = {k: v for k, v in conditioning[0][1].items() if isinstance(v, torch.Tensor)}  # the encoder's tensors
+        tensors = model.model.extra_conds(cross_attn=conditioning[0][0], device=x.device, noise=x, **extra)
         kwargs = {k: v.cond for k, v in tensors.items()}
         return model.model.apply_model(x, torch.tensor([0.6]), **kwargs).clone()
 

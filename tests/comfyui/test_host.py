@@ -100,3 +100,33 @@ def test_node_modules_share_helpers_through_host_paths_and_images_not_through_ea
         # extension imports the server on load; progress.py still drives ComfyUI's progress bar itself
         if path.stem not in ("host", "paths", "extension", "progress"):
             assert not host_import.search(text), f"{path.name} imports a ComfyUI module directly"
+
+
+def test_training_noises_with_the_graphs_model_sampling_patch(comfy, pack, loaded):
+    """A ModelSamplingSD3 / ModelSamplingAuraFlow node in the graph (Z-Image and Qwen-Image workflows
+    set the shift with one) is an object patch on the patcher: training must sample and noise with
+    it, as the sampler does, not with the network's unpatched model_sampling."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    from instance_unlearn.nodes.host import training_process
+
+    base = loaded["model"]
+    shifted = ModelSamplingSD3().patch(base, shift=12.0)[0]
+    process = training_process(shifted)
+    assert process.model_sampling is shifted.get_model_object("model_sampling")
+    assert process.model_sampling is not base.model.model_sampling
+    u = torch.Generator().manual_seed(0)
+    assert process.sample_t(256, u).median() > training_process(base).sample_t(256, torch.Generator().manual_seed(0)).median()
+
+
+def test_a_batch_constant_rides_per_sample_and_returns_as_one_number(comfy, pack):
+    """Lumina 2 / Z-Image take the text length once per batch (CONDConstant): samples of different
+    lengths cannot share a batch, which is refused with what to change, as ComfyUI cannot batch them."""
+    from instance_unlearn.nodes.host import CONSTANT, with_constants
+    from instance_unlearn.unlearn_core.errors import InputError
+
+    text = torch.zeros(3, 8, 4)
+    out = with_constants({"c_crossattn": text, f"{CONSTANT}num_tokens": torch.full((3,), 8)})
+    assert out["num_tokens"] == 8 and isinstance(out["num_tokens"], int) and out["c_crossattn"] is text
+    with pytest.raises(InputError, match="num_tokens.*same length"):
+        with_constants({f"{CONSTANT}num_tokens": torch.tensor([8, 8, 12])})

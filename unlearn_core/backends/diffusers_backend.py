@@ -1,7 +1,20 @@
 """diffusers models as denoisers, LoRA through peft, and the unlearning entry point for them.
 
-Supported: ``SD3Transformer2DModel`` (rectified flow, conditioned on ``encoder_hidden_states`` and
-``pooled_projections``) and ``UNet2DModel`` (epsilon DDPM, optionally ``class_labels``).
+Supported networks, by kind (:func:`model_kind`; a CLI job's ``model.kind``):
+
+- ``sd3``: ``SD3Transformer2DModel`` (SD3, SD3.5), rectified flow;
+- ``flux``: ``FluxTransformer2DModel`` (Flux.1 dev with its guidance input, schnell), rectified flow;
+- ``qwen_image``: ``QwenImageTransformer2DModel`` (Qwen-Image), rectified flow;
+- ``unet``: ``UNet2DModel`` (pixel DDPMs), epsilon or v DDPM, optionally ``class_labels``;
+- ``unet_cond``: ``UNet2DConditionModel`` (SD1.5, SD2, SDXL), epsilon or v DDPM.
+
+What each kind reads as conditioning is :data:`CONDITIONING` (and :func:`conditioning_keys`);
+which layers get a LoRA by default is :data:`DEFAULT_LORA_TARGETS`.
+
+Latents are (B, C, H, W) everywhere in the core. Flux and Qwen-Image transformers take their
+pipelines' packed form instead, 2x2 patches as tokens (B, H/2 * W/2, 4C) with the patch grid's
+positions (:func:`pack_latents`); :meth:`DiffusersDenoiser.raw_output` packs before each call and
+unpacks the output, exactly as ``FluxPipeline`` and ``QwenImagePipeline`` do.
 
 The base model is never written: a LoRA is injected for the duration of a ``with`` block and
 removed in ``finally`` (on success, error or stop alike), and full fine-tuning trains a copy.
@@ -24,6 +37,7 @@ from ..data import UnlearnData
 from ..denoiser import Conditioning
 from ..errors import InputError
 from ..lora import LoraLayer, LoraWeights, reproduction_metadata
+from ..model_folders import COMPONENTS
 from ..objectives import BasePrediction
 from ..process import ForwardProcess
 from ..split_gradients import LayerGradientSplit
@@ -33,9 +47,18 @@ from ..trainer import Callback, TrainResult, train_unlearning
 __all__ = [
     "DiffusersDenoiser",
     "SD3_LORA_TARGETS",
+    "FLUX_LORA_TARGETS",
+    "QWEN_IMAGE_LORA_TARGETS",
     "UNET_LORA_TARGETS",
+    "UNET_COND_LORA_TARGETS",
+    "DEFAULT_LORA_TARGETS",
+    "CONDITIONING",
+    "conditioning_keys",
     "model_kind",
+    "pack_latents",
+    "unpack_latents",
     "lora_attached",
+    "lora_target_names",
     "unlearn_diffusers",
     "UnlearnOutcome",
 ]
@@ -43,25 +66,138 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ADAPTER = "unlearn"
+#: diffusers class -> kind
+KINDS = {cls: kind for kind, (_, cls) in COMPONENTS.items()}
+#: kinds whose transformer takes 2x2-packed latent tokens (the core keeps (B, C, H, W))
+PACKED_KINDS = ("flux", "qwen_image")
+
+# Default LoRA targets: layer-name suffixes, matched (as peft does) inside the network's blocks
+# only, and the same layers the ComfyUI side of this pack trains on that network (nodes/host.py).
+
 #: diffusers' own SD3 LoRA recipe: every attention projection of both streams.
 SD3_LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )  # fmt: skip
+#: Flux: the double blocks' attention of both streams (ComfyUI's img_attn.qkv / proj and
+#: txt_attn.qkv / proj), and in the single blocks attn.to_q/k/v with proj_mlp (ComfyUI's fused
+#: linear1) and proj_out (linear2). Defaults match inside the blocks only, so the final output
+#: layer, also named proj_out, gets no LoRA.
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ("proj_mlp", "proj_out")
+#: Qwen-Image: every attention projection of both streams (ComfyUI uses the same names).
+QWEN_IMAGE_LORA_TARGETS = SD3_LORA_TARGETS
 #: UNet attention projections and the resnet convolutions (the paper fine-tuned all of a DDPM).
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+#: SD1.5 / SDXL: the self- and cross-attention projections (attn1, attn2), as the common SD LoRA
+#: trainers and ComfyUI's side of this pack target them.
+UNET_COND_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_LORA_TARGETS = {
+    "sd3": SD3_LORA_TARGETS,
+    "flux": FLUX_LORA_TARGETS,
+    "qwen_image": QWEN_IMAGE_LORA_TARGETS,
+    "unet": UNET_LORA_TARGETS,
+    "unet_cond": UNET_COND_LORA_TARGETS,
+}
+
+#: The conditioning each kind reads, (required, optional): batch-first tensors under these names
+#: (a CLI targets file holds them so, and prefixed ``remember.`` for a given remember set).
+#: :func:`conditioning_keys` adds what a model's config asks for besides:
+#:
+#: - sd3: ``encoder_hidden_states`` (B, L, joint_attention_dim), ``pooled_projections`` (B, pooled);
+#: - flux: the same (T5 tokens, CLIP pooled), and ``guidance`` (B,), the distilled guidance scale
+#:   (FluxPipeline's guidance_scale), when the transformer has ``guidance_embeds`` (dev; not schnell);
+#: - qwen_image: ``encoder_hidden_states`` (B, L, joint_attention_dim), optionally
+#:   ``encoder_hidden_states_mask`` (B, L; 1 for tokens, 0 for padding), and ``guidance`` only when
+#:   the config has ``guidance_embeds``;
+#: - unet: nothing, or ``class_labels`` (B,) for a class-conditional UNet;
+#: - unet_cond: ``encoder_hidden_states`` (B, L, cross_attention_dim), and for SDXL
+#:   (``addition_embed_type`` "text_time") ``text_embeds`` (B, pooled) and ``time_ids`` (B, 6).
+#:
+#: Position ids (Flux's txt_ids / img_ids, Qwen-Image's img_shapes) are built from the latent size.
+CONDITIONING = {
+    "sd3": (("encoder_hidden_states", "pooled_projections"), ()),
+    "flux": (("encoder_hidden_states", "pooled_projections"), ()),
+    "qwen_image": (("encoder_hidden_states",), ("encoder_hidden_states_mask",)),
+    "unet": ((), ("class_labels",)),
+    "unet_cond": (("encoder_hidden_states",), ()),
+}
+_LABELS = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image", "unet": "UNet2DModel",
+           "unet_cond": "UNet2DConditionModel (SD1.5/SDXL)"}  # fmt: skip
+#: config flags of model variants whose extra inputs this backend does not build
+_UNSUPPORTED = {
+    "qwen_image": ("use_additional_t_cond", "use_layer3d_rope"),  # Qwen-Image-Layered
+}
 
 
 def model_kind(model: torch.nn.Module) -> str:
     name = type(model).__name__
-    if name == "SD3Transformer2DModel":
-        return "sd3"
-    if name == "UNet2DModel":
-        return "unet"
-    raise InputError(
-        f"{name} is not supported: unlearning handles diffusers SD3Transformer2DModel (flow) and "
-        "UNet2DModel (epsilon DDPM)"
-    )
+    if name not in KINDS:
+        known = ", ".join(f"{cls} ({kind})" for kind, (_, cls) in COMPONENTS.items())
+        raise InputError(f"{name} is not supported: unlearning handles diffusers {known}")
+    kind = KINDS[name]
+    config = getattr(model, "config", {})
+    flags = [flag for flag in _UNSUPPORTED.get(kind, ()) if config.get(flag)]
+    if flags:
+        raise InputError(f"this {name} has {', '.join(flags)} set, a variant whose extra inputs unlearning does not build; "
+                         "use the text-to-image model")  # fmt: skip
+    if kind == "unet_cond" and (config.get("addition_embed_type") not in (None, "text_time") or config.get("class_embed_type")
+                                or config.get("num_class_embeds")):  # fmt: skip
+        raise InputError("this UNet2DConditionModel takes inputs besides the prompt's (addition_embed_type="
+                         f"{config.get('addition_embed_type')!r}, class_embed_type={config.get('class_embed_type')!r}); "
+                         "unlearning builds those of SD1.5 / SD2 (none) and SDXL (addition_embed_type 'text_time')")  # fmt: skip
+    return kind
+
+
+def conditioning_keys(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) conditioning names of ``model``: :data:`CONDITIONING` for its kind, plus
+    ``guidance`` for a guidance-distilled Flux / Qwen-Image and ``text_embeds`` / ``time_ids`` for SDXL."""
+    kind = model_kind(model)
+    required, optional = CONDITIONING[kind]
+    config = model.config
+    if kind in PACKED_KINDS and config.get("guidance_embeds"):
+        required += ("guidance",)
+    if kind == "unet_cond" and config.get("addition_embed_type") == "text_time":
+        required += ("text_embeds", "time_ids")
+    return required, optional
+
+
+def _check_conditioning(kind: str, keys: tuple[tuple[str, ...], tuple[str, ...]], cond: Conditioning) -> None:
+    required, optional = keys
+    missing = [key for key in required if key not in cond]
+    unknown = sorted(set(cond) - set(required) - set(optional))
+    if not missing and not unknown:
+        return
+    problems = ([f"lacks {missing}"] if missing else []) + ([f"has unknown {unknown}"] if unknown else [])
+    needs = f"this model reads {', '.join(required) or 'nothing'}" + (f" (optionally {', '.join(optional)})" if optional else "")
+    hint = ""
+    if "guidance" in unknown:
+        hint = "; it has no guidance embedding (guidance_embeds off, as in Flux.1 schnell and Qwen-Image): remove guidance"
+    elif "guidance" in missing:
+        hint = "; it is guidance-distilled (guidance_embeds on, as in Flux.1 dev): give the guidance scale the target was sampled with"
+    raise InputError(f"{_LABELS[kind]} conditioning {' and '.join(problems)}: {needs}{hint}; name the tensors so "
+                     "(batch first) in the targets file")  # fmt: skip
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): 2x2 patches as tokens, row-major, channels then the patch
+    (``FluxPipeline._pack_latents``; Qwen-Image's frame axis of one drops out the same way)."""
+    batch, channels, height, width = latents.shape
+    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for latents of ``height`` x ``width``."""
+    batch, _, features = tokens.shape
+    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, features // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """(h * w, 3) positions (0, row, col) of an h x w token grid (``FluxPipeline._prepare_latent_image_ids``)."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
 
 
 class DiffusersDenoiser:
@@ -82,17 +218,17 @@ class DiffusersDenoiser:
         self.model = model
         self.process = process
         self.kind = model_kind(model)
+        self.conditioning = conditioning_keys(model)
         self._parameters = parameters
         self.gradient_split = gradient_split
         #: the frozen base model's prediction (the adapter off), for ``remember_target="base"``
         self.base_predict_x0 = base_predict_x0
 
     def raw_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The network's native output (velocity or epsilon) for ``x_t`` (B, C, H, W), same shape."""
+        _check_conditioning(self.kind, self.conditioning, cond)
         timestep = self.process.model_timestep(t).to(x_t.device)
         if self.kind == "sd3":
-            missing = {"encoder_hidden_states", "pooled_projections"} - set(cond)
-            if missing:
-                raise InputError(f"SD3 conditioning lacks {sorted(missing)}")
             return self.model(
                 hidden_states=x_t,
                 encoder_hidden_states=cond["encoder_hidden_states"],
@@ -100,7 +236,37 @@ class DiffusersDenoiser:
                 timestep=timestep,
                 return_dict=False,
             )[0]
+        if self.kind in PACKED_KINDS:
+            return self._packed_output(x_t, timestep, cond)
+        if self.kind == "unet_cond":
+            added = {key: cond[key] for key in ("text_embeds", "time_ids")} if "time_ids" in cond else None
+            return self.model(x_t, timestep, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
+                              return_dict=False)[0]  # fmt: skip
         return self.model(x_t, timestep, class_labels=cond.get("class_labels"), return_dict=False)[0]
+
+    def _packed_output(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Flux / Qwen-Image called as their pipelines call them, on packed tokens."""
+        _, channels, height, width = x_t.shape
+        expected = self.model.config.in_channels
+        if height % 2 or width % 2 or 4 * channels != expected:
+            raise InputError(f"{_LABELS[self.kind]} packs 2x2 latent patches into {expected} features: latents must be "
+                             f"(B, {expected // 4}, H, W) with H and W even, got {tuple(x_t.shape)}")  # fmt: skip
+        inputs = {
+            "hidden_states": pack_latents(x_t),
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "timestep": timestep / 1000,  # both pipelines hand over timestep / 1000: the noise fraction itself
+            "guidance": cond.get("guidance"),  # the scale as given (the transformer multiplies it by 1000)
+            "return_dict": False,
+        }
+        if self.kind == "flux":
+            text_length = cond["encoder_hidden_states"].shape[1]
+            inputs["pooled_projections"] = cond["pooled_projections"]
+            inputs["txt_ids"] = torch.zeros(text_length, 3, device=x_t.device, dtype=x_t.dtype)
+            inputs["img_ids"] = flux_image_ids(height // 2, width // 2, x_t.device, x_t.dtype)
+        else:
+            inputs["encoder_hidden_states_mask"] = cond.get("encoder_hidden_states_mask")
+            inputs["img_shapes"] = [[(1, height // 2, width // 2)]] * len(x_t)
+        return unpack_latents(self.model(**inputs)[0], height, width)
 
     def predict_x0(self, x_t, t, cond):
         output = self.raw_output(x_t, t, cond)
@@ -112,30 +278,34 @@ class DiffusersDenoiser:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def _default_targets(model: torch.nn.Module) -> tuple[str, ...]:
-    return SD3_LORA_TARGETS if model_kind(model) == "sd3" else UNET_LORA_TARGETS
-
-
-def _check_rank(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> None:
-    matched = False
+def lora_target_names(model: torch.nn.Module, target_modules: tuple[str, ...] | None, rank: int) -> list[str]:
+    """Full names of the layers that get a LoRA: those whose name ends in one of ``target_modules``
+    (peft's rule), or with None the kind's :data:`DEFAULT_LORA_TARGETS` inside its blocks. Refuses a
+    rank a layer cannot hold, and targets that match no layer."""
+    targets = tuple(target_modules or DEFAULT_LORA_TARGETS[model_kind(model)])
+    inside_blocks_only = not target_modules  # Flux's final layer is called proj_out too
+    names = []
     for name, module in model.named_modules():
+        if inside_blocks_only and "." not in name:
+            continue
         if not any(name == t or name.endswith("." + t) for t in targets):
             continue
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() < 2:
             continue
-        matched = True
         smallest = min(weight.shape[0], weight.shape[1])
         if rank > smallest:
             raise InputError(
                 f"LoRA rank {rank} is larger than layer {name} ({tuple(weight.shape)}) allows "
                 f"(at most {smallest}); lower lora_rank"
             )
-    if not matched:
+        names.append(name)
+    if not names:
         raise InputError(
             f"no layer of {type(model).__name__} matches target_modules {list(targets)}; name layers of this "
             "model (e.g. attn.to_q) or use None for the default set"
         )
+    return names
 
 
 @dataclass
@@ -190,7 +360,7 @@ class AttachedLora:
             down = module.lora_A[ADAPTER].weight.detach().float().cpu().clone()
             up = module.lora_B[ADAPTER].weight.detach().float().cpu().clone()
             layers[name] = LoraLayer(down, up, float(module.scaling[ADAPTER] * down.shape[0]))
-        return LoraWeights(layers, "diffusers")
+        return LoraWeights(layers, "diffusers", kind=model_kind(self.model))
 
 
 @contextlib.contextmanager
@@ -219,9 +389,8 @@ def lora_attached(
             alpha_pattern={f"^{k}$": v for k, v in alphas.items()},
         )  # fmt: skip
     else:
-        targets = tuple(target_modules or _default_targets(model))
-        _check_rank(model, targets, rank)
-        config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=list(targets))
+        targets = lora_target_names(model, target_modules, rank)
+        config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=targets)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # peft initialises lora_A from the global RNG
