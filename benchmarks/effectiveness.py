@@ -235,7 +235,7 @@ class ShapesSetup(Setup):
     name = "shapes"
     steps_sample = 50
     sweep_steps = 25
-    check_steps = 25  # half: the check regenerates at every check_every steps (README: verified stopping)
+    check_steps = 25  # half: the check regenerates at every check_every steps (docs/LIBRARY.md: verified stopping)
     clip = 1.0
 
     def __init__(self):

@@ -54,7 +54,18 @@ def test_versions_and_comfy_table_agree():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["version"] == unlearn_core.__version__
     assert "comfyui" not in project["project"]["name"].lower()
-    assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
+    comfy = project["tool"]["comfy"]
+    assert all(comfy.get(key) for key in ("PublisherId", "DisplayName", "Icon")), "the Registry shows all three"
+    repository = project["project"]["urls"]["Repository"].removeprefix("https://github.com/")
+    icon = comfy["Icon"].removeprefix(f"https://raw.githubusercontent.com/{repository}/main/")
+    assert (ROOT / icon).is_file(), "the Registry's icon is a file of this repository"
+
+
+def test_the_registry_scanners_rules_are_linted():
+    """The Comfy Registry refuses a pack with exec (S102), eval (S307) or statements joined by ';'
+    (E702): ruff checks the same rules here."""
+    lint = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
+    assert {"S102", "S307"} <= set(lint["select"]) and "E" in lint["select"] and "E702" not in lint.get("ignore", [])
 
 
 def test_requirements_txt_matches_pyproject():

@@ -147,7 +147,7 @@ def read_job(path: Path) -> dict:
     except FileNotFoundError:
         raise InputError(f"job file {str(path)!r} does not exist; give the path of your job .json") from None
     except (OSError, ValueError) as error:
-        raise InputError(f"job file {str(path)!r} is not readable JSON ({error}); fix it (see README: 'Your own model')") from None
+        raise InputError(f"job file {str(path)!r} is not readable JSON ({error}); fix it (see docs/PROVIDERS.md)") from None
     if not isinstance(job, dict):
         raise InputError(f"job file {str(path)!r} must hold one JSON object with model, targets, config and output")
     return job
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--gamma", type=float, help="exponent of lambda(t) = t^gamma (default 1; 4 keeps other seeds closer here)")
     demo.set_defaults(handler=_demo)
     run = commands.add_parser("run", help="unlearn on your own diffusers model, described by a JSON job file")
-    run.add_argument("config", help="job file (see README: 'Your own model')")
+    run.add_argument("config", help="job file (see docs/PROVIDERS.md)")
     run.add_argument("--device", default="cpu", help="torch device to train on: cpu (default) or cuda")
     run.set_defaults(handler=_run)
     apply = commands.add_parser("apply", help="merge a result (LoRA or full weights) into a diffusers model or pipeline folder")

@@ -125,7 +125,7 @@ class UnlearnConfig:
                                  hint="LoRA unlearning uses about 1e-4 to 1e-2", default=1e-3)  # fmt: skip
     stop_when_forgotten: bool = _help("verified stopping: every check_every steps regenerate each target from its "
                                       "own and nearby noises and stop once every one is forgotten with check_margin "
-                                      "at check_confirmations checks in a row (needs a forgetting check; README: verified stopping)",
+                                      "at check_confirmations checks in a row (needs a forgetting check; docs/LIBRARY.md: verified stopping)",
                                       default=True)  # fmt: skip
     check_every: int = _help("steps between two forgetting checks", low=1, high=100_000, default=10)
     check_confirmations: int = _help("checks in a row at which every target must be forgotten before training stops "
@@ -161,7 +161,7 @@ class UnlearnConfig:
     weighting: str = _help("lambda(t) schedule: power (t^gamma) or constant",
                            choices=WEIGHTINGS, default="power")  # fmt: skip
     gamma: float = _help("exponent of the power schedule; larger forgets only at high noise and keeps more of the "
-                         "rest, but can forget less (README: the weighting exponent)",
+                         "rest, but can forget less (docs/LIBRARY.md: the method's options)",
                          low=0, high=20, step=0.1, hint="1 to 4 is the useful range", default=1.0)  # fmt: skip
     constant_lambda: float = _help("lambda for the constant schedule", low=0, high=1, step=0.05, default=0.5)
     forget_space: str = _help("where lambda(t) weights the forget loss: x0 (lambda is its effective weight over t, "
