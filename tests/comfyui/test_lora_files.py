@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import denoiser_output
+from .helpers import (
+    SURROGATE,
+    TRAIN,
+    assert_same_weights,
+    denoiser_output,
+    generate,
+    prompt_for,
+    run,
+    snapshot,
+)
 
 pytestmark = pytest.mark.comfyui
 
@@ -35,3 +44,42 @@ def test_a_merged_lora_loads_as_the_loras_it_sums_loaded_one_after_another(comfy
     once = denoiser_output(summed, conditioning)
     assert torch.allclose(once, denoiser_output(stacked, conditioning), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(once, denoiser_output(base, conditioning), atol=1e-3)
+
+
+def test_training_on_a_model_with_an_earlier_lora_continues_from_it(comfy, loaded, node):
+    """A second request trains on the model as it already is: the earlier result applied by the
+    stock loader before the trainer. Its new LoRA, stacked on the earlier one by the stock loader
+    again, gives the trainer's own output, and neither the base nor the earlier result changes."""
+    from instance_unlearn.unlearn_core.lora import LoraLayer, LoraWeights, save_lora
+
+    generator = torch.Generator().manual_seed(5)
+    earlier = LoraWeights({f"transformer_blocks.0.attn.{part}": LoraLayer(torch.randn(4, 128, generator=generator) * 0.05,
+                                                                         torch.randn(128, 4, generator=generator) * 0.05, 4.0)
+                           for part in ("to_q", "to_v", "add_k_proj")}, "diffusers", kind="sd3")  # fmt: skip
+    earlier_name = save_lora(comfy["base"] / "models" / "loras" / "earlier_request.safetensors", earlier, "comfy").name
+    base, vae, conditioning = loaded["model"], loaded["vae"], loaded["conditioning"]
+    loader = comfy["nodes"].LoraLoaderModelOnly()
+    with torch.inference_mode():
+        served = loader.load_lora_model_only(base, earlier_name, 1.0)[0]  # the model as the provider serves it
+    base_weights, base_output = snapshot(base), denoiser_output(base, conditioning)
+    served_patches, served_output = dict(served.patches), denoiser_output(served, conditioning)
+
+    latent, images = generate(comfy["nodes"], served, vae, conditioning, seed=31)
+    prompt, node_id = prompt_for(31)
+    targets, _ = run(node["mark"], {"PROMPT": prompt, "UNIQUE_ID": node_id}, forget_set="second_request", indices="0",
+                     images=images, latent=latent, conditioning=conditioning)  # fmt: skip
+    targets, _, _ = run(node["surrogate"], model=served, vae=vae, targets=targets, **SURROGATE, forget_threshold=0.999)
+    model, _, loss, saved = run(node["train"], model=served, targets=targets, lora_name="tests/second_request",
+                                **dict(TRAIN, learning_rate=1e-2))  # fmt: skip
+    _, _, loss_on_base, _ = run(node["train"], model=base, targets=targets, lora_name="", **dict(TRAIN, learning_rate=1e-2))
+    assert loss["forget_loss"][0] != loss_on_base["forget_loss"][0], "the trainer did not see the earlier result"
+
+    with torch.inference_mode():
+        stacked = loader.load_lora_model_only(loader.load_lora_model_only(base, earlier_name, 1.0)[0], saved, 1.0)[0]
+    trained_output = denoiser_output(model, conditioning)
+    assert torch.allclose(denoiser_output(stacked, conditioning), trained_output, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(trained_output, served_output, atol=1e-6), "the second request changed nothing"
+    assert dict(served.patches) == served_patches and torch.equal(denoiser_output(served, conditioning), served_output)
+    # the clones share one network, patched in place for whichever is loaded: load the base to look at it
+    assert torch.equal(denoiser_output(base, conditioning), base_output)
+    assert_same_weights(base, base_weights)
