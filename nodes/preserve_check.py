@@ -7,8 +7,7 @@ import json
 from comfy_api.latest import io, ui
 
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import atomic_write_text
-from ..unlearn_core.lora import read_safetensors
+from ..unlearn_core.files import atomic_write_text, read_safetensors
 from ..unlearn_core.metrics import load_lpips
 from ..unlearn_core.preserve import (
     HeldOut,

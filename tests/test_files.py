@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from unlearn_core.errors import InputError
 from unlearn_core.files import atomic_path, atomic_write_text, safe_child, safe_name, tensor_hash
@@ -49,3 +50,23 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     old = os.umask(0o022)
     os.umask(old)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~old)
+
+
+def test_one_safetensors_reader_says_which_file_was_expected_and_what_to_do(tmp_path):
+    """LoRAs, full weights and CLI targets files are read by one reader: a missing or damaged file is
+    an InputError naming what was expected and the fix; the metadata alone needs no tensor read."""
+    from safetensors.torch import save_file
+
+    from unlearn_core.files import read_safetensors, safetensors_metadata
+
+    good = tmp_path / "good.safetensors"
+    save_file({"x": torch.ones(2)}, str(good), metadata={"unlearn.adapter": "lora"})
+    tensors, metadata = read_safetensors(good, "LoRA file")
+    assert torch.equal(tensors["x"], torch.ones(2)) and metadata == {"unlearn.adapter": "lora"}
+    assert safetensors_metadata(good, "LoRA file") == {"unlearn.adapter": "lora"}
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(InputError, match=r"targets file 'damaged.safetensors' is not a readable safetensors file .*; write it so"):
+        read_safetensors(damaged, "targets file", "write it so")
+    with pytest.raises(InputError, match=r"LoRA file '.*missing.safetensors' does not exist"):
+        safetensors_metadata(tmp_path / "missing.safetensors", "LoRA file")

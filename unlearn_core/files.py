@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .errors import InputError
 
 __all__ = [
     "safe_name", "safe_child", "atomic_path", "atomic_write_bytes", "atomic_write_text", "tensor_hash", "file_sha256",
+    "job_path", "read_safetensors", "safetensors_metadata",
 ]  # fmt: skip
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
@@ -113,3 +115,44 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: stream.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def job_path(base_dir: Path, value, what: str) -> Path:
+    """A path a job names (relative to the job file's folder), which must exist."""
+    if not value:
+        raise InputError(f"the job needs {what}")
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a path (text), got {type(value).__name__}")
+    path = Path(value)
+    path = path if path.is_absolute() else base_dir / path
+    if not path.exists():
+        raise InputError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def _safetensors(path: str | os.PathLike, what: str, fix: str):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except InputError:
+        raise
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise InputError(f"{what} {path.name!r} is not a readable safetensors file ({error}); {fix}") from None
+
+
+def read_safetensors(path: str | os.PathLike, what: str,
+                     fix: str = "save it again") -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """A safetensors file's tensors and metadata, or an InputError naming ``what`` was expected and
+    ``fix``, what to do."""
+    with _safetensors(path, what, fix) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def safetensors_metadata(path: str | os.PathLike, what: str, fix: str = "save it again") -> dict[str, str]:
+    """A safetensors file's metadata alone (no tensor is read)."""
+    with _safetensors(path, what, fix) as handle:
+        return dict(handle.metadata() or {})

@@ -20,11 +20,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import InputError
-from .files import atomic_path
-from .lora import read_safetensors, safetensors_header, tensor_bytes
+from .files import atomic_path, read_safetensors, safetensors_metadata
+from .lora import safetensors_header, tensor_bytes
 
 __all__ = ["FULL_WEIGHTS", "FullWeights", "save_full_weights", "load_full_weights", "is_full_weights"]
 
@@ -57,11 +56,7 @@ def save_full_weights(path: str | Path, model: torch.nn.Module, metadata: dict |
 
 def is_full_weights(path: str | Path) -> bool:
     """Whether a safetensors file is a full-weights result (by its metadata)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("unlearn.adapter") == FULL_WEIGHTS
-    except Exception as error:  # safetensors raises several types for damaged files
-        raise InputError(f"{Path(path).name} is not a readable safetensors file ({error}); save it again") from None
+    return safetensors_metadata(path, "result file").get("unlearn.adapter") == FULL_WEIGHTS
 
 
 def load_full_weights(path: str | Path) -> FullWeights:

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import InputError
-from .files import atomic_path, tensor_hash
+from .files import atomic_path, read_safetensors, tensor_hash
 from .version import __version__
 
 __all__ = [
@@ -108,9 +107,6 @@ class LoraWeights:
     #: the diffusers network the names belong to ('sd3', 'flux', 'qwen_image', 'unet', 'unet_cond'),
     #: when known; decides the key formats (saved as the file's ``unlearn.model_kind``)
     kind: str | None = None
-
-    def deltas(self) -> dict[str, torch.Tensor]:
-        return {name: layer.delta() for name, layer in self.layers.items()}
 
 
 def sum_of(loras: list[LoraWeights]) -> LoraWeights:
@@ -434,20 +430,6 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """A tensor's raw little-endian bytes, as safetensors stores them."""
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file's tensors and metadata, or an InputError naming ``what`` was expected."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises several types for damaged files
-        raise InputError(f"{path.name} is not a readable safetensors file ({error}); save it again") from error
-    return tensors, metadata
 
 
 def load_lora(path: str | Path) -> LoraWeights:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .files import file_sha256
+from .files import file_sha256, job_path
 from .process import DDPMEpsilon, DDPMVelocity, ForwardProcess, RectifiedFlow
 
 __all__ = ["ModelSource", "LoadedModel", "ModelCache", "locate", "load", "dynamic_shift", "MODEL_KINDS", "COMPONENTS",
@@ -121,16 +121,6 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
-def _resolve(base_dir: Path, value, what: str) -> Path:
-    if not value or not isinstance(value, str):
-        raise InputError(f"the job needs {what} (a folder path)")
-    path = Path(value)
-    path = path if path.is_absolute() else base_dir / path
-    if not path.exists():
-        raise InputError(f"{what} {str(path)!r} does not exist")
-    return path
-
-
 def _component(pipeline_dir: Path, index: dict, kind: str | None) -> tuple[str, Path]:
     """(kind, model folder) of a pipeline folder, from its model_index.json."""
     found = [k for k, (folder, cls) in COMPONENTS.items() if isinstance(index.get(folder), list) and cls in index[folder]]
@@ -167,7 +157,7 @@ def _check_model_folder(model_dir: Path, kind: str) -> None:
 def _scheduler_config(base_dir: Path, spec: dict, pipeline_dir: Path | None, model_dir: Path, kind: str) -> dict | None:
     """The scheduler config: model.scheduler, else the pipeline's scheduler/ folder."""
     if spec.get("scheduler"):
-        path = _resolve(base_dir, spec["scheduler"], "model.scheduler")
+        path = job_path(base_dir, spec["scheduler"], "model.scheduler")
         path = path / "scheduler_config.json" if path.is_dir() else path
         if not path.is_file():
             raise InputError(f"model.scheduler {str(path.parent)!r} has no scheduler_config.json; give the scheduler folder "
@@ -303,7 +293,7 @@ def locate(spec, base_dir: Path) -> ModelSource:
     kind = spec.get("kind")
     if kind is not None and kind not in MODEL_KINDS:
         raise InputError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
-    path = _resolve(base_dir, spec.get("path"), "model.path")
+    path = job_path(base_dir, spec.get("path"), "model.path")
     pipeline_dir = None
     if (path / "model_index.json").is_file():
         pipeline_dir = path

@@ -80,13 +80,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .backends.diffusers_backend import DiffusersDenoiser, unlearn_diffusers
 from .config import UnlearnConfig
 from .data import ForgetTargets, RememberSet, UnlearnData
 from .errors import InputError
-from .files import atomic_path, atomic_write_text, file_sha256, safe_child, tensor_hash
+from .files import (
+    atomic_path,
+    atomic_write_text,
+    file_sha256,
+    job_path,
+    read_safetensors,
+    safe_child,
+    tensor_hash,
+)
 from .full_weights import save_full_weights
 from .lora import (
     KEY_FORMATS,
@@ -140,28 +147,6 @@ def _number(spec: dict, key: str, default, kind, what: str, low, high):
     return kind(value)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises several types for damaged files
-        raise InputError(
-            f"targets file {path.name!r} is not a readable safetensors file ({error}); write it with "
-            "safetensors.torch.save_file"
-        ) from None
-
-
-def _path(base_dir: Path, value, what: str) -> Path:
-    if not value:
-        raise InputError(f"the job needs {what}")
-    if not isinstance(value, str):
-        raise InputError(f"{what} must be a path (text), got {type(value).__name__}")
-    path = Path(value)
-    path = path if path.is_absolute() else base_dir / path
-    if not path.exists():
-        raise InputError(f"{what} {str(path)!r} does not exist")
-    return path
-
-
 @dataclass
 class JobPlan:
     """A checked job: every value validated and every path resolved; nothing loaded yet."""
@@ -213,7 +198,7 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
     if not isinstance(detector, str) or not detector:
         raise InputError(f"check.detector={detector!r} must be 'pixel' or the path of an SSCD TorchScript file")
     if detector != "pixel":
-        detector = str(_path(base_dir, detector, "check.detector"))
+        detector = str(job_path(base_dir, detector, "check.detector"))
     default_below = FORGET_BELOW["pixel" if detector == "pixel" else "sscd"]
     check = {
         "detector": detector,
@@ -224,7 +209,7 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in seeds)):  # fmt: skip
         raise InputError(f"seeds={seeds!r} must be a list of whole numbers in [0, 2^63), one per target")
-    targets_path = _path(base_dir, job.get("targets"), "targets")
+    targets_path = job_path(base_dir, job.get("targets"), "targets")
     source = locate(job.get("model", {}), base_dir)
     key_format = key_format or default_key_format(source.kind)
     if config.adapter != "full":
@@ -233,7 +218,7 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
 
 
 def _read_targets(plan: JobPlan) -> dict[str, torch.Tensor]:
-    tensors = _load_tensors(plan.targets_path)
+    tensors, _ = read_safetensors(plan.targets_path, "targets file", "write it with safetensors.torch.save_file")
     if "targets" not in tensors:
         raise InputError("the targets file needs a 'targets' tensor (N, C, H, W) in the model's input space")
     targets = tensors["targets"]
