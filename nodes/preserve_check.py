@@ -127,13 +127,13 @@ class PreserveCheck(io.ComfyNode):
         semantic = host.ClipVisionEmbedder(clip_vision) if clip_vision is not None else None
         check = check_preservation(*paired(replays, held_out, base, unlearned), detector,
                                    Thresholds(forget_threshold, integrity_threshold), load_lpips(), semantic)  # fmt: skip
-        report = {"forget_set": targets.forget_set, "lora_name": lora_name, **check.as_dict()}
+        report = {**check.as_dict(), "forget_set": targets.forget_set, "lora_name": lora_name}  # the verdict leads
         training = training_verification(lora_name)
         if training is not None:  # what verified stopping saw during training, beside what this check sees now
             report["training_verification"] = training
             for row, step in zip(report["targets"], training.get("forgotten_at") or [], strict=False):
                 row["forgotten_at_training_step"] = step
-        text = json.dumps(report, indent=2)
+        text = json.dumps(report, indent=2, ensure_ascii=False)  # the text a user reads: Fréchet, not Fr\\u00e9chet
         atomic_write_text(report_path, text)
         top = [image for image in (*base.targets, *base.held_out) if image is not None]
         bottom = [image for image in (*unlearned.targets, *unlearned.held_out) if image is not None]

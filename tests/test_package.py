@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,14 @@ def test_versions_and_comfy_table_agree():
     assert (ROOT / icon).is_file(), "the Registry's icon is a file of this repository"
 
 
+def test_the_license_is_declared_as_setuptools_and_the_registry_read_it():
+    """An SPDX string with the file beside it: the TOML-table form makes setuptools warn at every
+    install, and the Registry reads the string."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
 def test_the_registry_scanners_rules_are_linted():
     """The Comfy Registry refuses a pack with exec (S102), eval (S307) or statements joined by ';'
     (E702): ruff checks the same rules here."""
@@ -73,3 +82,11 @@ def test_requirements_txt_matches_pyproject():
     declared = {d for d in project["project"]["dependencies"] if d != "torch"}
     listed = {line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert listed == declared
+
+
+@pytest.mark.parametrize("written", ["out/demo/grid.png", "provider/out/forget.safetensors", "provider/shapes-pipeline/unet/config.json"])
+def test_what_the_demo_and_the_provider_walkthrough_write_is_not_tracked(written):
+    """make demo writes out/, the walkthrough of docs/PROVIDERS.md writes provider/ (27 MB): git ignores both."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert subprocess.run(["git", "check-ignore", "-q", written], cwd=ROOT).returncode == 0, written

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import make_tiny_sd3, sd3_cond
 from safetensors.torch import save_file
@@ -116,3 +117,21 @@ def test_provider_job_on_a_diffusers_model_folder(tmp_path):
     (tmp_path / "again.json").write_text(json.dumps({**job, "output": "out/again.safetensors"}))
     assert main(["run", str(tmp_path / "again.json")]) == 0
     assert (tmp_path / "out" / "again.safetensors").read_bytes() == (tmp_path / "out" / "forget.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("environment", "argv", "threads"), [
+    ({"OMP_NUM_THREADS": "1"}, [], 1),  # the machine's owner limited torch: make demo follows
+    ({"OMP_NUM_THREADS": "1"}, ["--threads", "3"], 3),  # the flag wins
+    ({}, [], 2),
+    ({"OMP_NUM_THREADS": "lots"}, [], 2),
+])  # fmt: skip
+def test_the_command_line_takes_its_torch_threads_from_omp_num_threads(monkeypatch, tmp_path, environment, argv, threads):
+    from unlearn_core import cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    used = []
+    monkeypatch.setattr(cli, "configure_torch", used.append)
+    assert cli.main([*argv, "run", str(tmp_path / "no_such_job.json")]) == 2  # refused after torch is set up
+    assert used == [threads]

@@ -162,3 +162,12 @@ def test_a_target_without_a_seed_is_regenerated_from_its_recovered_noise_and_the
     rows = check_preservation(targets, pairs(2), PixelCopyDetector(), Thresholds(0.5, 0.5)).targets
     assert rows[1]["noise"] == "recovered by inverting the sampler" and rows[1]["seed"] is None
     assert "noise" not in rows[0] and rows[2]["forgotten"] is None
+
+
+def test_the_report_leads_with_the_verdict_in_words_then_the_figures():
+    target = picture(1)
+    report = check_preservation([TargetImages("t", target, target.clone(), target.clone(), seed=5)], pairs(3),
+                                PixelCopyDetector(), THRESHOLDS).as_dict()  # fmt: skip
+    assert list(report)[0] == "summary" and list(report)[-1] == "measure"
+    assert list(report["summary"])[:2] == ["verdict", "passed"]
+    assert report["summary"]["verdict"].startswith("forgotten: 0/1") and "integrity passed" in report["summary"]["verdict"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -163,9 +164,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _default_threads() -> int:
+    """OMP_NUM_THREADS where it says a whole number, as the machine's owner set it for torch; else 2."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unlearn", description="Prompt-free instance unlearning for diffusion models.")
-    parser.add_argument("--threads", type=_positive, default=2, help="CPU threads for torch (default 2)")
+    parser.add_argument("--threads", type=_positive, default=_default_threads(),
+                        help="CPU threads for torch (default: OMP_NUM_THREADS, else 2)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the whole job on the embedded flags model, offline")

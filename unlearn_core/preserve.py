@@ -178,7 +178,8 @@ class PreserveReport:
         return self.summary["passed"]
 
     def as_dict(self) -> dict:
-        return {"measure": self.measure, "summary": self.summary, "targets": self.targets, "preserve": self.preserve}
+        """The verdict first (the summary), then the rows, then what each figure measures."""
+        return {"summary": self.summary, "targets": self.targets, "preserve": self.preserve, "measure": self.measure}
 
     @property
     def evaluation(self) -> Evaluation:
@@ -233,8 +234,9 @@ def check_preservation(
         "integrity_passed": mean_ssim >= thresholds.integrity_at_least,
         "thresholds": thresholds.as_dict(),
     }
-    summary["passed"] = summary["forgetting_passed"] and summary["integrity_passed"]
-    summary["verdict"] = _verdict_text(summary, target_rows, detector.name)
+    passed = summary["forgetting_passed"] and summary["integrity_passed"]
+    # the verdict in words leads, then the figures it rests on
+    summary = {"verdict": _verdict_text(summary, target_rows, detector.name), "passed": passed, **summary}
     measure = {
         "forgetting": f"copy similarity ({detector.name}) of the unlearned model's regeneration to the target",
         "reproduction": "SSIM of the base model's regeneration to the target",

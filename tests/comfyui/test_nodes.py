@@ -74,6 +74,9 @@ def test_preserve_check_reports_and_saves_beside_the_lora(comfy, loaded, node, w
     report = json.loads(report_text)
     saved = comfy["base"] / "models" / "loras" / "tests" / "checked.report.json"
     assert json.loads(saved.read_text()) == report
+    # what a user reads: the verdict in words first, the text as written (Fréchet, not an escape)
+    assert report_text.startswith('{\n  "summary": {\n    "verdict": "') and list(report["summary"])[1] == "passed"
+    assert "Fréchet" in report_text and "\\u00e9" not in report_text
     assert report["targets"][0]["seed"] == 11
     # the base model regenerates the marked target from its provenance (same seed and settings)
     assert report["targets"][0]["ssim_base_to_target"] > 0.99
