@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from gpu_size import SIZES, build_model
 
 from unlearn_core.backends.diffusers_backend import (
-    SD3_LORA_TARGETS,
+    DEFAULT_LORA_TARGETS,
+    flux_image_ids,
     gradient_checkpointing,
     lora_attached,
 )
@@ -140,12 +141,14 @@ def _cuda_kernels():
 
 
 def lora_targets(size: dict) -> tuple[str, ...]:
-    """The layers the pack puts a LoRA on in this family, as lora_attached's target_modules."""
-    if size["family"] == "flux":
-        # linear2 by its full name: the model's final projection is called proj_out too
-        single_out = tuple(f"single_transformer_blocks.{i}.proj_out" for i in range(size["single"]))
-        return (*SD3_LORA_TARGETS, "proj_mlp", *single_out)
-    return SD3_LORA_TARGETS  # SD3 (the backend's default for it) and Qwen-Image
+    """The layers the pack puts a LoRA on in this family (the backend's DEFAULT_LORA_TARGETS), as
+    lora_attached's target_modules. Given names match anywhere, and Flux's final projection is
+    called proj_out too: its single blocks' linear2 goes by full name."""
+    targets = DEFAULT_LORA_TARGETS[size["family"].replace("-", "_")]
+    if size["family"] != "flux":
+        return targets
+    single_out = tuple(f"single_transformer_blocks.{i}.proj_out" for i in range(size["single"]))
+    return (*(t for t in targets if t != "proj_out"), *single_out)
 
 
 def _inputs(size: dict, batch: int, tensor, device: str) -> tuple[torch.Tensor, dict]:
@@ -159,10 +162,9 @@ def _inputs(size: dict, batch: int, tensor, device: str) -> tuple[torch.Tensor, 
     x = tensor(batch, side * side, 64)
     timestep = torch.rand(batch).to(device)
     if size["family"] == "flux":
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        img_ids = flux_image_ids(side, side, device, torch.bfloat16)
         return x, {"hidden_states": x, **text, "pooled_projections": tensor(batch, size["pooled"]), "timestep": timestep,
-                   "img_ids": img_ids.to(device, torch.bfloat16), "txt_ids": torch.zeros(size["tokens"], 3).to(device, torch.bfloat16),
+                   "img_ids": img_ids, "txt_ids": torch.zeros(size["tokens"], 3).to(device, torch.bfloat16),
                    "guidance": torch.full((batch,), 3.5).to(device)}  # fmt: skip
     # Qwen-Image: every prompt of the batch the same length, so no text mask (and attention stays plain)
     return x, {"hidden_states": x, **text, "timestep": timestep, "img_shapes": [(1, side, side)] * batch}

@@ -17,23 +17,26 @@ from .helpers import (
 )
 
 pytestmark = pytest.mark.comfyui
+ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.to_add_out")
+
+
+def random_lora(generator: torch.Generator, rank: int, blocks: range, parts=ATTENTION):
+    """A LoRA of the tiny SD3 (diffusers names, width 128) with small random weights, alpha = rank + block."""
+    from instance_unlearn.unlearn_core.lora import LoraLayer, LoraWeights
+
+    return LoraWeights({f"transformer_blocks.{block}.{part}": LoraLayer(torch.randn(rank, 128, generator=generator) * 0.05,
+                                                                      torch.randn(128, rank, generator=generator) * 0.05,
+                                                                      alpha=float(rank + block))
+                        for block in blocks for part in parts}, "diffusers", kind="sd3")  # fmt: skip
 
 
 def test_a_merged_lora_loads_as_the_loras_it_sums_loaded_one_after_another(comfy, loaded):
     """The file of several results in one (lora.sum_of) gives, through the stock loader, the output of
     each result's own file stacked with LoraLoaderModelOnly after LoraLoaderModelOnly."""
-    from instance_unlearn.unlearn_core.lora import LoraLayer, LoraWeights, save_lora, sum_of
+    from instance_unlearn.unlearn_core.lora import save_lora, sum_of
 
     generator = torch.Generator().manual_seed(3)
-    parts = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.to_add_out")
-
-    def random_lora(rank: int, blocks: range) -> LoraWeights:
-        return LoraWeights({f"transformer_blocks.{block}.{part}": LoraLayer(torch.randn(rank, 128, generator=generator) * 0.05,
-                                                                          torch.randn(128, rank, generator=generator) * 0.05,
-                                                                          alpha=float(rank + block))
-                            for block in blocks for part in parts}, "diffusers", kind="sd3")  # fmt: skip
-
-    loras = [random_lora(4, range(2)), random_lora(2, range(1))]
+    loras = [random_lora(generator, 4, range(2)), random_lora(generator, 2, range(1))]
     folder = comfy["base"] / "models" / "loras"
     names = [save_lora(folder / f"stack_{i}.safetensors", lora, "comfy").name for i, lora in enumerate(loras)]
     merged = save_lora(folder / "stack_sum.safetensors", sum_of(loras), "comfy").name
@@ -50,12 +53,9 @@ def test_training_on_a_model_with_an_earlier_lora_continues_from_it(comfy, loade
     """A second request trains on the model as it already is: the earlier result applied by the
     stock loader before the trainer. Its new LoRA, stacked on the earlier one by the stock loader
     again, gives the trainer's own output, and neither the base nor the earlier result changes."""
-    from instance_unlearn.unlearn_core.lora import LoraLayer, LoraWeights, save_lora
+    from instance_unlearn.unlearn_core.lora import save_lora
 
-    generator = torch.Generator().manual_seed(5)
-    earlier = LoraWeights({f"transformer_blocks.0.attn.{part}": LoraLayer(torch.randn(4, 128, generator=generator) * 0.05,
-                                                                         torch.randn(128, 4, generator=generator) * 0.05, 4.0)
-                           for part in ("to_q", "to_v", "add_k_proj")}, "diffusers", kind="sd3")  # fmt: skip
+    earlier = random_lora(torch.Generator().manual_seed(5), 4, range(1), ("attn.to_q", "attn.to_v", "attn.add_k_proj"))
     earlier_name = save_lora(comfy["base"] / "models" / "loras" / "earlier_request.safetensors", earlier, "comfy").name
     base, vae, conditioning = loaded["model"], loaded["vae"], loaded["conditioning"]
     loader = comfy["nodes"].LoraLoaderModelOnly()
