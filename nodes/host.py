@@ -43,6 +43,7 @@ from ..unlearn_core.denoiser import Conditioning
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.lora import LoraLayer, LoraWeights
 from ..unlearn_core.metrics import CopyDetector
+from ..unlearn_core.prediction import Epsilon, FlowVelocity, Velocity
 from ..unlearn_core.process import ForwardProcess
 
 log = logging.getLogger(__name__)
@@ -90,16 +91,21 @@ class HostProcess(ForwardProcess):
     """The host model's own noising, in sigma form, behind the core's process interface.
 
     Noise fraction t is sigma itself for flow models (as in SD3) and the timestep fraction for
-    discrete eps/v models. The denoiser returns x0 directly, and the loss weight makes the x0
-    error the native MSE: 1 / sigma^2 for flow (velocity) and eps
-    models, (1 + sigma^2) / sigma^2 for v-prediction. Training noise levels follow the core's
-    processes: the shifted flow schedule clamped at 0.02, and for discrete models every
-    timestep 1..T with equal probability (as :class:`~unlearn_core.process.DDPMEpsilon`).
+    discrete eps/v models, whose noise ComfyUI writes as x0 + sigma eps (alpha = 1). The network's
+    output converts to x0 through the core's prediction types, the same objects the library's
+    processes use: ComfyUI's CONST, EPS and V_PREDICTION (sigma_data 1) are exactly
+    :class:`FlowVelocity`, :class:`Epsilon` and :class:`Velocity` on these scales (tested against
+    its calculate_denoised). Training noise levels follow the core's processes: the shifted flow
+    schedule clamped at 0.02, and for discrete models every timestep 1..T with equal probability
+    (as :class:`~unlearn_core.process.DDPMEpsilon`).
     """
+
+    PREDICTIONS = {"flow": FlowVelocity(), "eps": Epsilon(), "v": Velocity()}
 
     def __init__(self, model_sampling, family: str):
         self.model_sampling = model_sampling
         self.family = family
+        self.prediction = self.PREDICTIONS[family]
         self.t_min = 0.02 if family == "flow" else 1.0 / len(model_sampling.sigmas)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
@@ -124,27 +130,6 @@ class HostProcess(ForwardProcess):
             return sigma.clamp(min=self.t_min, max=1.0)
         steps = len(self.model_sampling.sigmas)
         return torch.randint(1, steps + 1, (n,), generator=generator).float() / steps
-
-    def model_timestep(self, t):
-        return self.sigma(t)
-
-    # The patcher denoiser returns x0 itself (ComfyUI's apply_model), so nothing on the host
-    # converts the network's own output through these; a method that sets a target in the
-    # network's native terms does (EraseDiff: the native output of the forget sample becomes
-    # unrelated noise). ComfyUI's calculate_denoised is that conversion, affine in the output.
-    def predict_x0(self, x_t, output, t):
-        sigma = self.sigma(t).to(x_t)
-        return self.model_sampling.calculate_denoised(sigma, output.to(x_t), x_t)
-
-    def output_target(self, x_t, x0, t):
-        sigma = self.sigma(t).to(x_t)
-        from_input = self.model_sampling.calculate_denoised(sigma, torch.zeros_like(x_t), x_t)
-        per_output = self.model_sampling.calculate_denoised(sigma, torch.ones_like(x_t), torch.zeros_like(x_t))
-        return (x0.to(x_t) - from_input) / per_output
-
-    def x0_loss_weight(self, t):
-        sigma_sq = self.sigma(t).clamp_min(1e-3) ** 2
-        return (1.0 + sigma_sq) / sigma_sq if self.family == "v" else 1.0 / sigma_sq
 
 
 def training_process(patcher) -> HostProcess:

@@ -101,7 +101,7 @@ def test_ddpm_timesteps_and_start():
 def test_ddpm_refuses_non_epsilon_schedulers():
     with pytest.raises(ValueError, match="epsilon"):
         DDPMEpsilon.from_scheduler(DDPMScheduler(prediction_type="v_prediction"))
-    with pytest.raises(ValueError, match="v-prediction"):
+    with pytest.raises(ValueError, match="v_prediction"):
         DDPMVelocity.from_scheduler(DDPMScheduler())
 
 

@@ -5,8 +5,9 @@ Every process here is affine in the clean image:
 .. math::  x_t = \alpha(t)\, x_0 + \sigma(t)\, \epsilon, \qquad t \in (0, 1]
 
 where ``t`` is the *noise fraction* (0 = clean, 1 = pure noise) that the timestep weighting
-:math:`\lambda(t)` reads. The network predicts some parameterisation of that point (epsilon for
-DDPM, velocity :math:`v = \epsilon - x_0` for rectified flow); the trainer works in the
+:math:`\lambda(t)` reads. A process is the noise path (scales, training noise levels, sampling
+grid); what the network predicts of that point (epsilon or v for DDPM, velocity
+:math:`v = \epsilon - x_0` for rectified flow) is its :mod:`~unlearn_core.prediction` type. The trainer works in the
 host-agnostic x0 form (docs/METHOD.md section 2): a denoiser returns :math:`\hat x_0` and the loss is
 :math:`w(t)\,\lVert \hat x_0 - x_0^{target} \rVert^2`, where :math:`w(t)` is chosen so that this is
 *exactly* the native epsilon- or velocity-space MSE.
@@ -30,6 +31,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .prediction import Epsilon, FlowVelocity, Prediction, Velocity
+
 __all__ = ["ForwardProcess", "RectifiedFlow", "DDPMEpsilon", "DDPMVelocity", "ddpm_process", "x0_space_loss"]
 
 
@@ -39,14 +42,17 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ForwardProcess(ABC):
-    """An affine noising process with its network parameterisation.
+    """An affine noising process: its scales, its training noise levels and the network's
+    :class:`~unlearn_core.prediction.Prediction` type, which owns every conversion between the
+    native output and x0 (the methods below only hand it this process's scales).
 
-    Subclasses define :meth:`scales` and how the network output relates to :math:`x_0`.
     ``t`` is always a float tensor of shape (B,) in (0, 1].
     """
 
     #: smallest noise fraction the trainer samples: targets divide by sigma(t).
     t_min: float = 0.02
+    #: what the network predicts
+    prediction: Prediction
 
     @abstractmethod
     def scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,25 +62,21 @@ class ForwardProcess(ABC):
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training noise fractions, shape (n,), in [t_min, 1]."""
 
-    @abstractmethod
-    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """The timestep value the network was trained to receive for noise fraction ``t``."""
-
-    @abstractmethod
     def predict_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Clean-image estimate from the network's native output."""
+        return self.prediction.to_x0(x_t, output, *self.scales(t))
 
-    @abstractmethod
     def output_target(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Native target that explains noisy ``x_t`` as coming from clean ``x0``.
 
         With the true clean image this is the ordinary training target (eps or v); with a
         surrogate it is the surrogate target of the forget loss.
         """
+        return self.prediction.from_x0(x_t, x0, *self.scales(t))
 
-    @abstractmethod
     def x0_loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """w(t) with w * ||x0_hat - x0||^2 == ||output - output_target||^2, shape (B,)."""
+        return self.prediction.loss_weight(*self.scales(t))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.scales(t)
@@ -88,6 +90,8 @@ class RectifiedFlow(ForwardProcess):
     and the network receives timestep = 1000 s. :meth:`sampling_ts` is its sampler's grid
     (:class:`~unlearn_core.sampling.SamplingGrid`), apart from the noise path.
     """
+
+    prediction = FlowVelocity()
 
     def __init__(self, shift: float = 3.0, t_min: float = 0.02, num_train_timesteps: int = 1000):
         if shift <= 0:
@@ -112,17 +116,9 @@ class RectifiedFlow(ForwardProcess):
         u_start = start / (self.shift - (self.shift - 1) * start)  # inverse of the shift
         return self.shifted(torch.linspace(u_start, 0.0, steps + 1))
 
-    def model_timestep(self, t):
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the network receives: 1000 s."""
         return t * self.num_train_timesteps
-
-    def predict_x0(self, x_t, output, t):
-        return x_t - _expand(t, x_t) * output
-
-    def output_target(self, x_t, x0, t):
-        return (x_t - x0) / _expand(t, x_t)
-
-    def x0_loss_weight(self, t):
-        return 1.0 / t**2
 
 
 class DDPMEpsilon(ForwardProcess):
@@ -132,6 +128,8 @@ class DDPMEpsilon(ForwardProcess):
     training timestep and t -> 0 means clean. Build from a diffusers scheduler with
     :meth:`from_scheduler`. :meth:`sampling_ts` is its sampler's grid.
     """
+
+    prediction = Epsilon()
 
     def __init__(self, alphas_cumprod: torch.Tensor, t_min: float | None = None):
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -143,12 +141,11 @@ class DDPMEpsilon(ForwardProcess):
 
     @classmethod
     def from_scheduler(cls, scheduler) -> DDPMEpsilon:
-        """From a diffusers DDPMScheduler/DDIMScheduler (any beta schedule)."""
+        """From a diffusers DDPMScheduler/DDIMScheduler (any beta schedule) of this prediction type."""
         prediction = getattr(scheduler.config, "prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise ValueError(
-                f"DDPMEpsilon needs an epsilon-prediction scheduler, got prediction_type={prediction!r}"
-            )
+        if prediction != cls.prediction.name:
+            raise ValueError(f"{cls.__name__} needs a scheduler with prediction_type={cls.prediction.name!r}, "
+                             f"got {prediction!r} (ddpm_process picks the class by it)")  # fmt: skip
         return cls(scheduler.alphas_cumprod)
 
     def timestep_index(self, t: torch.Tensor) -> torch.Tensor:
@@ -170,47 +167,16 @@ class DDPMEpsilon(ForwardProcess):
         index = torch.linspace(top, 0, steps + 1).round()
         return index / self.num_train_timesteps
 
-    def model_timestep(self, t):
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the network receives: the discrete index."""
         return self.timestep_index(t)
-
-    def predict_x0(self, x_t, output, t):
-        alpha, sigma = self.scales(t)
-        return (x_t - _expand(sigma, x_t) * output) / _expand(alpha, x_t)
-
-    def output_target(self, x_t, x0, t):
-        alpha, sigma = self.scales(t)
-        return (x_t - _expand(alpha, x_t) * x0) / _expand(sigma, x_t)
-
-    def x0_loss_weight(self, t):
-        alpha, sigma = self.scales(t)
-        return (alpha / sigma) ** 2
 
 
 class DDPMVelocity(DDPMEpsilon):
-    r"""Discrete DDPM with a v-predicting network (SD 2.x 768-v, SDXL-v and v-prediction fine-tunes):
-    :math:`v = \alpha\,\epsilon - \sigma\,x_0`, so :math:`\hat x_0 = \alpha x_t - \sigma \hat v` and
-    :math:`\lVert \hat v - v \rVert^2 = \lVert \hat x_0 - x_0 \rVert^2 / \sigma^2`. Same noise path and grid
-    as :class:`DDPMEpsilon`."""
+    """Discrete DDPM with a v-predicting network (SD 2.x 768-v, SDXL-v and v-prediction fine-tunes):
+    the noise path and grid of :class:`DDPMEpsilon`, the :class:`~unlearn_core.prediction.Velocity` output."""
 
-    @classmethod
-    def from_scheduler(cls, scheduler) -> DDPMVelocity:
-        """From a diffusers DDPMScheduler/DDIMScheduler with ``prediction_type="v_prediction"``."""
-        prediction = getattr(scheduler.config, "prediction_type", "epsilon")
-        if prediction != "v_prediction":
-            raise ValueError(f"DDPMVelocity needs a v-prediction scheduler, got prediction_type={prediction!r}")
-        return cls(scheduler.alphas_cumprod)
-
-    def predict_x0(self, x_t, output, t):
-        alpha, sigma = self.scales(t)
-        return _expand(alpha, x_t) * x_t - _expand(sigma, x_t) * output
-
-    def output_target(self, x_t, x0, t):
-        alpha, sigma = self.scales(t)
-        return (_expand(alpha, x_t) * x_t - x0) / _expand(sigma, x_t)
-
-    def x0_loss_weight(self, t):
-        _, sigma = self.scales(t)
-        return 1.0 / sigma**2
+    prediction = Velocity()
 
 
 def ddpm_process(scheduler) -> DDPMEpsilon:
@@ -227,8 +193,7 @@ def x0_space_loss(
     """Per-sample loss w(t) * mean((x0_hat - x0_target)^2), shape (B,).
 
     With the process's :meth:`ForwardProcess.x0_loss_weight` this equals the native MSE of
-    docs/METHOD.md (eps or v space); a host that only exposes x0 predictions (ComfyUI) uses it as is,
-    with its own weight 1 / sigma^2.
+    docs/METHOD.md (eps or v space), on the host (ComfyUI, whose model returns x0) as in the library.
     """
     if x0_hat.shape != x0_target.shape:
         raise ValueError(f"prediction {tuple(x0_hat.shape)} and target {tuple(x0_target.shape)} differ")

@@ -1,4 +1,4 @@
-"""The host adapter's noise process against ComfyUI's own model_sampling, for flow and eps models."""
+"""The host adapter's noise process against ComfyUI's own model_sampling, for flow, eps and v models."""
 
 from __future__ import annotations
 
@@ -19,13 +19,33 @@ def sampling_for(kind: str):
         sampling.set_parameters(shift=3.0)
         return sampling
 
-    class Sampling(ms.ModelSamplingDiscrete, ms.EPS):
+    prediction = ms.V_PREDICTION if kind == "v" else ms.EPS
+
+    class Sampling(ms.ModelSamplingDiscrete, prediction):
         pass
 
     return Sampling()
 
 
-@pytest.mark.parametrize("kind", ["flow", "eps"])
+@pytest.mark.parametrize("kind", ["flow", "eps", "v"])
+def test_the_core_prediction_types_convert_as_comfyui_does(comfy, pack, kind):
+    """x0 from the network's output, and the output that gives a chosen x0, as ComfyUI's own
+    calculate_denoised: the host and the library share one conversion per prediction type."""
+    from instance_unlearn.nodes.host import HostProcess
+
+    sampling = sampling_for(kind)
+    process = HostProcess(sampling, kind)
+    g = torch.Generator().manual_seed(3)
+    x0, noise, output = (torch.randn(5, 4, 8, 8, generator=g) for _ in range(3))
+    t = process.sample_t(5, g)
+    sigma = process.sigma(t)
+    x_noisy = process.add_noise(x0, noise, t)
+    comfy_x0 = sampling.calculate_denoised(sigma, output, x_noisy)
+    assert torch.allclose(process.predict_x0(x_noisy, output, t), comfy_x0, atol=1e-5)
+    assert torch.allclose(process.output_target(x_noisy, comfy_x0, t), output, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["flow", "eps", "v"])
 def test_x0_loss_equals_the_native_loss_of_the_host(comfy, pack, kind):
     from instance_unlearn.nodes.host import HostProcess
 
@@ -39,13 +59,16 @@ def test_x0_loss_equals_the_native_loss_of_the_host(comfy, pack, kind):
     x_noisy = process.add_noise(x0, noise, t)
     assert torch.allclose(x_noisy, sampling.noise_scaling(sigma, noise, x0))
     x0_hat = sampling.calculate_denoised(sigma, output, x_noisy)  # what apply_model returns
-    native_target = (x_noisy - x0) / sigma.reshape(-1, 1, 1, 1) if kind == "flow" else noise
+    s = sigma.reshape(-1, 1, 1, 1)
+    # the network's own training targets: velocity, epsilon, or v on the unit-variance point
+    native_target = {"flow": (x_noisy - x0) / s, "eps": noise,
+                     "v": (noise - s * x0) / (1 + s**2).sqrt()}[kind]  # fmt: skip
     native = (output - native_target).pow(2).flatten(1).mean(1)
     x0_form = (x0_hat - x0).pow(2).flatten(1).mean(1) * process.x0_loss_weight(t)
     assert torch.allclose(native, x0_form, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["flow", "eps"])
+@pytest.mark.parametrize("kind", ["flow", "eps", "v"])
 def test_erasediff_aims_the_native_output_at_the_noise_on_the_host_as_in_the_library(comfy, pack, kind):
     """EraseDiff's forget target is the x0 whose *native* output (velocity, or epsilon) is the
     unrelated noise, on the host as in the library: its loss is zero exactly at that x0."""
