@@ -64,10 +64,10 @@ from effectiveness import (
 
 from unlearn_core import trainer
 from unlearn_core.backends import diffusers_backend
-from unlearn_core.objectives import SurrogateUnlearning
-from unlearn_core.process import x0_space_loss
-from unlearn_core.sampling import sample
-from unlearn_core.surgery import combine_gradients
+from unlearn_core.diffusion.process import x0_space_loss
+from unlearn_core.diffusion.sampling import sample
+from unlearn_core.method.objectives import SurrogateUnlearning
+from unlearn_core.method.surgery import combine_gradients
 
 #: variant -> (controller, its parameters, the rates tried on each model)
 VARIANTS = {

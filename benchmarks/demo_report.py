@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from unlearn_core.demo.run import run_demo
-from unlearn_core.files import atomic_write_text
+from unlearn_core.formats.files import atomic_write_text
 
 
 def main(argv=None) -> int:

@@ -78,14 +78,15 @@ from unlearn_core.backends.diffusers_backend import (
     lora_attached,
     unlearn_diffusers,
 )
+from unlearn_core.data.surrogate import build_surrogate
 from unlearn_core.demo import models as demo_model
 from unlearn_core.demo.run import find_undesired, generate
-from unlearn_core.metrics import PixelCopyDetector, copy_similarity, load_lpips, to_unit
-from unlearn_core.preserve import evaluate
-from unlearn_core.sampling import DenoiserSampler, sample, seeded_noise, slerp
-from unlearn_core.stopping import CheckSettings
-from unlearn_core.surrogate import build_surrogate
-from unlearn_core.trainer import compute_dtype
+from unlearn_core.diffusion.noise import seeded_noise, slerp
+from unlearn_core.diffusion.sampling import DenoiserSampler, sample
+from unlearn_core.method.stopping import CheckSettings
+from unlearn_core.method.trainer import compute_dtype
+from unlearn_core.verify.metrics import PixelCopyDetector, copy_similarity, load_lpips, to_unit
+from unlearn_core.verify.preserve import evaluate
 
 log = logging.getLogger("effectiveness")
 

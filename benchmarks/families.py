@@ -24,7 +24,7 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from unlearn_core.files import atomic_write_text
+from unlearn_core.formats.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/comfyui/test_families.py"

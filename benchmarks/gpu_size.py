@@ -32,7 +32,7 @@ from unlearn_core.backends.diffusers_backend import (
     lora_attached,
     unlearn_diffusers,
 )
-from unlearn_core.process import RectifiedFlow
+from unlearn_core.diffusion.process import RectifiedFlow
 
 ROOT = Path(__file__).resolve().parents[1]
 # family, depth (transformer blocks; Flux: double + single), latent side, text tokens and widths.

@@ -29,7 +29,7 @@ import torch
 
 from unlearn_core import ForgetTargets, RectifiedFlow, RememberSet, UnlearnConfig, UnlearnData
 from unlearn_core.backends.diffusers_backend import unlearn_diffusers
-from unlearn_core.files import atomic_write_text
+from unlearn_core.formats.files import atomic_write_text
 
 MIB = 1024 * 1024
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from unlearn_core.cluster import ServeSettings, serve
-from unlearn_core.files import atomic_write_text
-from unlearn_core.request_queue import RequestQueue
+from unlearn_core.formats.files import atomic_write_text
+from unlearn_core.serve.cluster import ServeSettings, serve
+from unlearn_core.serve.request_queue import RequestQueue
 
 RESULTS = Path(__file__).resolve().parent / "results" / "queue_throughput.json"
 PHASES = ("process", "serve1", "serve2")

@@ -1,7 +1,7 @@
 """Time per unlearning step vs one plain LoRA step on the same model, batch and rank.
 
 Ours takes the forget and the remember gradient from one forward + one backward pass over the
-joined batch (per-half LoRA gradients, :mod:`unlearn_core.split_gradients`), then projects and
+joined batch (per-half LoRA gradients, :mod:`unlearn_core.method.split_gradients`), then projects and
 steps; the plain step trains the same LoRA on the whole batch in one pass. For reference the
 two-pass form (a forward + backward per half, what a host without the split runs) is timed too.
 All are timed in one process after warm-up, in short interleaved blocks (``--steps`` steps of
@@ -29,10 +29,10 @@ import torch
 
 from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData
 from unlearn_core.backends.diffusers_backend import lora_attached, unlearn_diffusers
-from unlearn_core.denoiser import concat, select
-from unlearn_core.objectives import denoising_loss
-from unlearn_core.process import RectifiedFlow
-from unlearn_core.trainer import train_unlearning
+from unlearn_core.diffusion.denoiser import concat, select
+from unlearn_core.diffusion.process import RectifiedFlow
+from unlearn_core.method.objectives import denoising_loss
+from unlearn_core.method.trainer import train_unlearning
 
 
 def tiny_sd3_setup(batch: int):

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
 from unlearn_core.demo import models as dm
+from unlearn_core.diffusion.noise import seeded_noise
+from unlearn_core.diffusion.process import DDPMEpsilon, ForwardProcess
+from unlearn_core.diffusion.sampling import sample
 from unlearn_core.errors import InputError
-from unlearn_core.process import DDPMEpsilon, ForwardProcess
-from unlearn_core.sampling import sample, seeded_noise
 
 log = logging.getLogger("train_demo_models")
 RECORD = "demo_models.json"

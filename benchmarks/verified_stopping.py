@@ -2,7 +2,7 @@
 
 The fair protocol of ``effectiveness.py`` (its table targets, surrogates, remember set, 64
 integrity seeds, robust forgetting by nearby noises and twice the sampler steps, training seeds 0
-and 1), with every run given the forgetting check (:mod:`unlearn_core.stopping`): the target is
+and 1), with every run given the forgetting check (:mod:`unlearn_core.method.stopping`): the target is
 regenerated every ``check_every`` steps with the table's own detector and threshold, and training
 stops once it is forgotten with the margin at two checks in a row; ``--steps`` is the maximum.
 
@@ -50,7 +50,7 @@ from effectiveness import (
 )
 
 from unlearn_core import UnlearnConfig
-from unlearn_core.metrics import load_lpips
+from unlearn_core.verify.metrics import load_lpips
 
 log = logging.getLogger("verified_stopping")
 

@@ -40,9 +40,10 @@ import torch
 
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
 from unlearn_core.demo import models as dm
-from unlearn_core.metrics import psnr, to_unit
-from unlearn_core.process import DDPMVelocity, RectifiedFlow
-from unlearn_core.sampling import sample, seeded_noise
+from unlearn_core.diffusion.noise import seeded_noise
+from unlearn_core.diffusion.process import DDPMVelocity, RectifiedFlow
+from unlearn_core.diffusion.sampling import sample
+from unlearn_core.verify.metrics import psnr, to_unit
 
 log = logging.getLogger("visible_models")
 
@@ -334,7 +335,7 @@ def train_lshapes(args) -> dict:
 def clamp_effect(latent: LatentModel, latents: torch.Tensor) -> dict:
     """What the benchmarks' clamp of samples to [-1, 1] does to decoded images: PSNR and pixel
     copy similarity (the lshapes detector) between decodes of clamped and unclamped latents."""
-    from unlearn_core.metrics import PixelCopyDetector, copy_similarity
+    from unlearn_core.verify.metrics import PixelCopyDetector, copy_similarity
 
     plain, clamped = to_unit(latent.decode(latents)), to_unit(latent.decode(latents.clamp(-1, 1)))
     similarity = copy_similarity(PixelCopyDetector(8), clamped, plain)

@@ -4,7 +4,7 @@ For the base model with a fresh LoRA, the gradient norm of the forget half (one 
 surrogate) and of the remember half (the benchmark's remember set) at fixed noise fractions t,
 averaged over noise draws, for each ``forget_space`` and ``remember_weight``. The share of the
 forget gradient that comes from t < 0.5 says whether forgetting acts at high noise (the paper's
-idea) or at low noise. See ``unlearn_core/weighting.py`` for the maths.
+idea) or at low noise. See ``unlearn_core/method/weighting.py`` for the maths.
 
     python benchmarks/weight_profile.py            # both models, about a minute on 2 cores
 """
@@ -21,8 +21,8 @@ from effectiveness import RESULTS, FlagsSetup, ShapesSetup, make_surrogate, writ
 
 from unlearn_core import UnlearnConfig
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser, lora_attached
-from unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
-from unlearn_core.trainer import make_objective
+from unlearn_core.data.sets import ForgetTargets, RememberSet, UnlearnData
+from unlearn_core.method.trainer import make_objective
 
 T_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DRAWS = 8

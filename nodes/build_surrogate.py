@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..unlearn_core.errors import InputError
-from ..unlearn_core.metrics import at_size, copy_similarity
-from ..unlearn_core.surrogate import (
+from ..unlearn_core.data.surrogate import (
     SAMPLED_KINDS,
     SURROGATE_KINDS,
     away_from_copy,
     build_surrogate,
     surrogate_similarity,
 )
+from ..unlearn_core.errors import InputError
+from ..unlearn_core.verify.metrics import at_size, copy_similarity
 from . import host, images, paths
 from .targets import Target, TargetsType
 

@@ -1,7 +1,7 @@
 """Instance Unlearn LoRA's training inputs, built from UnlearnConfig's options table.
 
 Each input's default, bounds, increments, choices and help come from the field's
-:class:`~unlearn_core.config.Option`; this module only says which input sets which field
+:class:`~unlearn_core.method.config.Option`; this module only says which input sets which field
 (:data:`FIELDS`, the one mapping) and how the few values a widget cannot hold are written.
 Names are a contract with saved workflows: an input keeps its name even where the field's
 differs ("rank" sets lora_rank).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..unlearn_core.config import Option, UnlearnConfig, options
 from ..unlearn_core.errors import InputError
+from ..unlearn_core.method.config import Option, UnlearnConfig, options
 
 #: input name -> UnlearnConfig field: the inputs of the first release (required widgets) ...
 FIRST = {

@@ -2,7 +2,7 @@
 regenerated with ComfyUI's own sampler from that noise and its recorded settings, decoded by the
 VAE and judged with Preserve Check's detector.
 
-The core decides what to regenerate and when (:class:`~unlearn_core.stopping.ForgettingCheck`);
+The core decides what to regenerate and when (:class:`~unlearn_core.method.stopping.ForgettingCheck`);
 this module only says how ComfyUI regenerates a target from a given noise.
 """
 
@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..unlearn_core.stopping import ForgettingCheck
+from ..unlearn_core.method.stopping import ForgettingCheck
 from . import host, images, paths
 from .targets import UnlearnTargets
 

@@ -39,12 +39,12 @@ import torch.utils.checkpoint
 from comfy.model_base import ModelType
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..unlearn_core.denoiser import Conditioning
+from ..unlearn_core.diffusion.denoiser import Conditioning
+from ..unlearn_core.diffusion.prediction import Epsilon, FlowVelocity, Velocity
+from ..unlearn_core.diffusion.process import ForwardProcess
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.lora import LoraLayer, LoraWeights
-from ..unlearn_core.metrics import CopyDetector
-from ..unlearn_core.prediction import Epsilon, FlowVelocity, Velocity
-from ..unlearn_core.process import ForwardProcess
+from ..unlearn_core.formats.lora import LoraLayer, LoraWeights
+from ..unlearn_core.verify.metrics import CopyDetector
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class HostProcess(ForwardProcess):
     :class:`FlowVelocity`, :class:`Epsilon` and :class:`Velocity` on these scales (tested against
     its calculate_denoised). Training noise levels follow the core's processes: the shifted flow
     schedule clamped at 0.02, and for discrete models every timestep 1..T with equal probability
-    (as :class:`~unlearn_core.process.DDPMEpsilon`).
+    (as :class:`~unlearn_core.diffusion.process.DDPMEpsilon`).
     """
 
     PREDICTIONS = {"flow": FlowVelocity(), "eps": Epsilon(), "v": Velocity()}
@@ -526,7 +526,7 @@ def invert_to_noise(patcher, prompt: HostPrompt, latent: torch.Tensor, refine: i
     The walk runs inside ComfyUI's own sampling (as a custom sampler over the reversed
     schedule), so the guided prediction is the one the sampler uses: cfg, negative, model
     patches. Each backward step is the usual inversion guess, corrected ``refine`` times by the
-    fixed-point iteration of :func:`~unlearn_core.sampling.invert` (an exact inverse of the
+    fixed-point iteration of :func:`~unlearn_core.diffusion.sampling.invert` (an exact inverse of the
     Euler step makes the step back land on where the walk came from). Another sampler, or a
     latent the model did not make, gives a noise that may not reproduce it: the forgetting
     check's baseline says so.
@@ -594,7 +594,7 @@ def replay_prompt(provenance: dict, positive, negative, steps: int, batch_index:
 
 
 class HostSampler:
-    """ComfyUI's KSampler on a ModelPatcher as the core's :class:`~unlearn_core.sampling.Sampler`
+    """ComfyUI's KSampler on a ModelPatcher as the core's :class:`~unlearn_core.diffusion.sampling.Sampler`
     (raw LATENT samples in and out; prompts are :class:`HostPrompt`)."""
 
     def __init__(self, patcher):

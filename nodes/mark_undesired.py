@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..unlearn_core.data.forget_set import check_target
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import safe_name
-from ..unlearn_core.forget_set import check_target
+from ..unlearn_core.formats.files import safe_name
 from . import host, provenance
 from .images import preview_batch
 from .targets import Target, TargetsType, UnlearnTargets, store

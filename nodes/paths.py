@@ -6,7 +6,7 @@
 - copy detectors (SSCD TorchScript files) for Preserve Check: ``models/unlearn/``, plus any
   ``unlearn:`` folder listed in ComfyUI's extra_model_paths.yaml.
 
-Every user-given name goes through :func:`~unlearn_core.files.safe_child`: it cannot leave its folder.
+Every user-given name goes through :func:`~unlearn_core.formats.files.safe_child`: it cannot leave its folder.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import folder_paths
 
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import atomic_write_bytes, safe_child
-from ..unlearn_core.metrics import CopyDetector, PixelCopyDetector, TorchScriptCopyDetector
+from ..unlearn_core.formats.files import atomic_write_bytes, safe_child
+from ..unlearn_core.verify.metrics import CopyDetector, PixelCopyDetector, TorchScriptCopyDetector
 
 COPY_DETECTOR_SUFFIXES = (".pt", ".pth", ".torchscript")
 COPY_DETECTOR_FOLDER = "unlearn"  # under models/

@@ -6,10 +6,12 @@ import json
 
 from comfy_api.latest import io, ui
 
+from ..unlearn_core.data.seeds import preserve_seeds as held_out_seeds
+from ..unlearn_core.data.seeds import target_seed
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import atomic_write_text, read_safetensors
-from ..unlearn_core.metrics import load_lpips
-from ..unlearn_core.preserve import (
+from ..unlearn_core.formats.files import atomic_write_text, read_safetensors
+from ..unlearn_core.verify.metrics import load_lpips
+from ..unlearn_core.verify.preserve import (
     HeldOut,
     Replay,
     Thresholds,
@@ -17,8 +19,6 @@ from ..unlearn_core.preserve import (
     paired,
     regenerate,
 )
-from ..unlearn_core.seeds import preserve_seeds as held_out_seeds
-from ..unlearn_core.seeds import target_seed
 from . import host, images, paths, provenance
 from .forgetting_check import target_noises
 from .targets import TargetsType

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from comfy_api.latest import io
 
-from ..unlearn_core.files import safe_name
-from ..unlearn_core.forget_set import ForgetSetStore
+from ..unlearn_core.data.forget_set import ForgetSetStore
+from ..unlearn_core.formats.files import safe_name
 from . import paths
 
 TargetsType = io.Custom("UNLEARN_TARGETS")

@@ -8,15 +8,15 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..unlearn_core.config import UnlearnConfig
-from ..unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
-from ..unlearn_core.denoiser import concat
+from ..unlearn_core.data.remember import RememberRequest, generate_remember, split_count
+from ..unlearn_core.data.seeds import MAX_REMEMBER, target_seed
+from ..unlearn_core.data.sets import ForgetTargets, RememberSet, UnlearnData
+from ..unlearn_core.diffusion.denoiser import concat
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import tensor_hash
-from ..unlearn_core.lora import reproduction_metadata, save_lora, state_dict_for
-from ..unlearn_core.remember import RememberRequest, generate_remember, split_count
-from ..unlearn_core.seeds import MAX_REMEMBER, target_seed
-from ..unlearn_core.trainer import train_unlearning
+from ..unlearn_core.formats.files import tensor_hash
+from ..unlearn_core.formats.lora import reproduction_metadata, save_lora, state_dict_for
+from ..unlearn_core.method.config import UnlearnConfig
+from ..unlearn_core.method.trainer import train_unlearning
 from . import config_inputs, host, paths
 from .forgetting_check import forgetting_check, target_noises
 from .progress import TrainingProgress
@@ -68,7 +68,7 @@ def build_data(model, targets: UnlearnTargets, remember: torch.Tensor, remember_
 
 
 def lora_metadata(config: UnlearnConfig, model, targets: UnlearnTargets, data: UnlearnData, remember: dict) -> dict:
-    """Everything that reproduces this LoRA (see unlearn_core.lora.reproduction_metadata)."""
+    """Everything that reproduces this LoRA (see unlearn_core.formats.lora.reproduction_metadata)."""
     models = sorted({str(t.provenance.get("model")) for t in targets.targets if t.provenance.get("model")})
     return reproduction_metadata(
         config, data, host.model_name(model), forget_set=targets.forget_set, target_ids=[t.id for t in targets.targets], surrogate_methods=[t.surrogate_method for t in targets.targets],
@@ -89,7 +89,7 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                 "prompts) unchanged, with timestep-aware weighting and gradient projection. The "
                 "cached model is never modified. Saves the LoRA under models/loras (if a name is "
                 "given) and outputs the model with the LoRA applied. The training inputs, their "
-                "defaults and bounds are those of the unlearning configuration (unlearn_core/config.py)."
+                "defaults and bounds are those of the unlearning configuration (unlearn_core/method/config.py)."
             ),
             # Saved workflows store widget values (and links) by position: the first release's inputs
             # keep their order, and every input added since comes after them (config_inputs.ADDED).

@@ -34,10 +34,10 @@ from unlearn_core import (
 )
 from unlearn_core.backends.diffusers_backend import unlearn_diffusers
 from unlearn_core.cli import main
+from unlearn_core.data.forget_set import ForgetSetStore
+from unlearn_core.data.surrogate import build_surrogate
 from unlearn_core.errors import InputError
-from unlearn_core.forget_set import ForgetSetStore
-from unlearn_core.lora import load_lora
-from unlearn_core.surrogate import build_surrogate
+from unlearn_core.formats.lora import load_lora
 
 FLOW = RectifiedFlow()
 

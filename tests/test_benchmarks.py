@@ -232,8 +232,8 @@ def test_adaptive_balance_controllers_set_the_cap_as_written():
 
     load_benchmark("effectiveness")
     adaptive = load_benchmark("adaptive_balance")
-    from unlearn_core.process import RectifiedFlow
-    from unlearn_core.trainer import make_objective
+    from unlearn_core.diffusion.process import RectifiedFlow
+    from unlearn_core.method.trainer import make_objective
 
     base = make_objective(UnlearnConfig(surgery="none"), RectifiedFlow())
     forget, remember = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -303,7 +303,7 @@ def test_pixel_setups_judge_their_samples_and_lshapes_its_decoded_latents(lshape
     latent model's decoded by its VAE (the forgetting check's regenerations too)."""
     import torch
 
-    from unlearn_core.metrics import copy_similarity, to_unit
+    from unlearn_core.verify.metrics import copy_similarity, to_unit
 
     bench, latent, setup = lshapes
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -327,8 +327,8 @@ def test_lshapes_run_trains_in_latent_space_and_is_judged_on_decoded_images(lsha
     import torch
 
     from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
-    from unlearn_core.data import ForgetTargets
-    from unlearn_core.stopping import sampler_check
+    from unlearn_core.data.sets import ForgetTargets
+    from unlearn_core.method.stopping import sampler_check
 
     bench, latent, setup = lshapes
     judged = []

@@ -17,9 +17,15 @@ import torch
 from conftest import ROOT, load_benchmark, make_tiny_sd3, quick_job, save_targets, sd3_cond
 
 from unlearn_core.cli import main
-from unlearn_core.cluster import ClusterUnavailable, ServeSettings, Shutdown, require_ray, serve
-from unlearn_core.request_queue import Claim, RequestQueue
-from unlearn_core.request_worker import AUDIT_FILE
+from unlearn_core.serve.cluster import (
+    ClusterUnavailable,
+    ServeSettings,
+    Shutdown,
+    require_ray,
+    serve,
+)
+from unlearn_core.serve.request_queue import Claim, RequestQueue
+from unlearn_core.serve.request_worker import AUDIT_FILE
 
 COMPARED = ("lora.safetensors", "lora.training.safetensors", "lora.preview.png")
 SETTINGS = dict(workers=2, until_empty=True, poll_seconds=0.2, lease_seconds=60.0)

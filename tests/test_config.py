@@ -5,11 +5,11 @@ from dataclasses import fields
 import pytest
 
 from unlearn_core import UnlearnConfig
-from unlearn_core.config import ADAPTERS, DTYPES, options
 from unlearn_core.errors import InputError
-from unlearn_core.objectives import OBJECTIVES, EraseDiff
-from unlearn_core.surgery import BALANCE_MODES, SURGERY_MODES
-from unlearn_core.weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS
+from unlearn_core.method.config import ADAPTERS, DTYPES, options
+from unlearn_core.method.objectives import OBJECTIVES, EraseDiff
+from unlearn_core.method.surgery import BALANCE_MODES, SURGERY_MODES
+from unlearn_core.method.weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS
 
 OPTIONS = options()
 
@@ -129,7 +129,7 @@ def test_refusals_say_what_to_give_instead():
     ],
 )  # fmt: skip
 def test_a_setting_the_combination_ignores_is_warned_about_naming_both_fields(settings, ignored, because, caplog):
-    with caplog.at_level("WARNING", logger="unlearn_core.config"):
+    with caplog.at_level("WARNING", logger="unlearn_core.method.config"):
         config = UnlearnConfig(**settings)
     assert because in config.ignored()[ignored]
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{ignored}=")]
@@ -140,7 +140,7 @@ def test_settings_that_are_read_are_not_warned_about(caplog):
     read = [{}, {"method": "siss", "siss_scale": 0.1}, {"method": "erasediff", "erasediff_eta": 0.1},
             {"balance": "cap", "balance_ratio": 0.3, "remember_target": "data"}, {"weighting": "constant", "constant_lambda": 0.2},
             {"lora_rank": 16, "target_modules": ("qkv",)}, {"rate_schedule": "raise", "raise_after": 5}, {"gamma": 3.0}]  # fmt: skip
-    with caplog.at_level("WARNING", logger="unlearn_core.config"):
+    with caplog.at_level("WARNING", logger="unlearn_core.method.config"):
         for settings in read:
             assert UnlearnConfig(**settings).ignored() == {}, settings
     assert "ignored" not in caplog.text

@@ -8,8 +8,9 @@ import torch
 from unlearn_core import InputError
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
 from unlearn_core.demo import models as dm
-from unlearn_core.process import DDPMEpsilon, RectifiedFlow
-from unlearn_core.sampling import sample, seeded_noise
+from unlearn_core.diffusion.noise import seeded_noise
+from unlearn_core.diffusion.process import DDPMEpsilon, RectifiedFlow
+from unlearn_core.diffusion.sampling import sample
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from unlearn_core.backends.diffusers_backend import (
     lora_attached,
     unlearn_diffusers,
 )
-from unlearn_core.denoiser import select
-from unlearn_core.lora import load_lora, save_lora
-from unlearn_core.objectives import denoising_loss
+from unlearn_core.diffusion.denoiser import select
+from unlearn_core.formats.lora import load_lora, save_lora
+from unlearn_core.method.objectives import denoising_loss
 
 FLOW = RectifiedFlow()
 DDPM = DDPMEpsilon.from_scheduler(DDPMScheduler(num_train_timesteps=1000))

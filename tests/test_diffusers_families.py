@@ -24,7 +24,6 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from unlearn_core import DDPMEpsilon, InputError, RectifiedFlow, UnlearnConfig
-from unlearn_core.apply import merge_into
 from unlearn_core.backends.diffusers_backend import (
     DiffusersDenoiser,
     flux_image_ids,
@@ -35,11 +34,12 @@ from unlearn_core.backends.diffusers_backend import (
     unpack_latents,
 )
 from unlearn_core.cli import main
-from unlearn_core.lora import LoraLayer, LoraWeights, load_lora, save_lora, state_dict_for
-from unlearn_core.model_folders import dynamic_shift, locate
-from unlearn_core.process import DDPMVelocity
-from unlearn_core.provider import plan_job
-from unlearn_core.sampling import sample
+from unlearn_core.diffusion.process import DDPMVelocity
+from unlearn_core.diffusion.sampling import sample
+from unlearn_core.formats.apply import merge_into
+from unlearn_core.formats.lora import LoraLayer, LoraWeights, load_lora, save_lora, state_dict_for
+from unlearn_core.formats.model_folders import dynamic_shift, locate
+from unlearn_core.serve.provider import plan_job
 
 torch.set_num_threads(1)
 

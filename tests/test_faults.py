@@ -21,9 +21,9 @@ from diffusers import DDPMScheduler
 
 from unlearn_core import DDPMEpsilon, RectifiedFlow, TrainingStopped, UnlearnConfig
 from unlearn_core.backends.diffusers_backend import unlearn_diffusers
+from unlearn_core.data.forget_set import ForgetSetStore
 from unlearn_core.errors import TrainingDiverged
-from unlearn_core.forget_set import ForgetSetStore
-from unlearn_core.lora import load_lora, save_lora
+from unlearn_core.formats.lora import load_lora, save_lora
 
 FLOW = RectifiedFlow()
 DDPM = DDPMEpsilon.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
@@ -174,7 +174,7 @@ def test_a_crash_while_writing_the_lora_keeps_the_old_file_and_leaves_no_part(ti
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new set", "existing set"])
 def test_a_crash_while_marking_leaves_the_forget_set_as_it_was(tmp_path, monkeypatch, existing):
-    import unlearn_core.forget_set as forget_set
+    import unlearn_core.data.forget_set as forget_set
 
     store = ForgetSetStore(tmp_path)
     if existing:

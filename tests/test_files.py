@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from unlearn_core.errors import InputError
-from unlearn_core.files import atomic_path, atomic_write_text, safe_child, safe_name, tensor_hash
+from unlearn_core.formats.files import (
+    atomic_path,
+    atomic_write_text,
+    safe_child,
+    safe_name,
+    tensor_hash,
+)
 
 HOSTILE = ["..", "../x", "a/../../b", "/etc/passwd", "C:\\x", "x\\..\\y", "", " ", "con", "NUL.txt",
            "a\x00b", "a|b", "a;rm", "~root", ".hidden", "x" * 101, "trailing.", "a\nb",
@@ -57,7 +63,7 @@ def test_one_safetensors_reader_says_which_file_was_expected_and_what_to_do(tmp_
     an InputError naming what was expected and the fix; the metadata alone needs no tensor read."""
     from safetensors.torch import save_file
 
-    from unlearn_core.files import read_safetensors, safetensors_metadata
+    from unlearn_core.formats.files import read_safetensors, safetensors_metadata
 
     good = tmp_path / "good.safetensors"
     save_file({"x": torch.ones(2)}, str(good), metadata={"unlearn.adapter": "lora"})

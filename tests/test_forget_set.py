@@ -2,7 +2,7 @@
 
 import torch
 
-from unlearn_core.forget_set import ForgetSetStore
+from unlearn_core.data.forget_set import ForgetSetStore
 
 
 def image(seed=0, h=16, w=24):

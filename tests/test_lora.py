@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from unlearn_core.errors import InputError
-from unlearn_core.lora import (
+from unlearn_core.formats.lora import (
     LoraLayer,
     LoraWeights,
     load_lora,
@@ -107,7 +107,7 @@ def test_another_networks_own_names_are_saved_as_they_are():
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    import unlearn_core.lora as lora
+    import unlearn_core.formats.lora as lora
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -148,7 +148,7 @@ def test_bad_files_and_keys_are_explained(tmp_path):
 def test_the_sum_of_loras_applies_exactly_what_they_apply_together(tmp_path):
     """Results trained one after another merge into one file whose every delta is the sum of theirs
     (layers only one of them has included), through both key formats."""
-    from unlearn_core.lora import sum_of
+    from unlearn_core.formats.lora import sum_of
 
     first, second = random_sd3_lora(blocks=2, rank=4, seed=1), random_sd3_lora(blocks=1, rank=2, seed=2)
     merged = sum_of([first, second])
@@ -164,7 +164,7 @@ def test_the_sum_of_loras_applies_exactly_what_they_apply_together(tmp_path):
 
 
 def test_loras_of_different_networks_or_formats_are_not_summed():
-    from unlearn_core.lora import sum_of
+    from unlearn_core.formats.lora import sum_of
 
     first = random_sd3_lora(blocks=1)
     with pytest.raises(InputError, match="different networks or in different key formats"):

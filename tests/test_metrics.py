@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unlearn_core.metrics import (
+from unlearn_core.verify.metrics import (
     FeatureCopyDetector,
     PixelCopyDetector,
     Unavailable,
@@ -45,7 +45,7 @@ def test_copy_similarity_finds_copies():
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
-    from unlearn_core.metrics import frechet_distance
+    from unlearn_core.verify.metrics import frechet_distance
 
     features = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     assert abs(frechet_distance(features, features)) < 1e-6
@@ -54,7 +54,7 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
 
 
 def test_frechet_distance_is_fids_formula_also_with_fewer_samples_than_dimensions():
-    from unlearn_core.metrics import frechet_distance
+    from unlearn_core.verify.metrics import frechet_distance
 
     def matrix_root(matrix):
         values, vectors = torch.linalg.eigh(matrix)
@@ -71,7 +71,7 @@ def test_frechet_distance_is_fids_formula_also_with_fewer_samples_than_dimension
 
 
 def test_forgetting_is_judged_only_when_the_base_model_reproduces_the_target():
-    from unlearn_core.metrics import judge_forgetting
+    from unlearn_core.verify.metrics import judge_forgetting
 
     kept = judge_forgetting(0.9999, 0.98, forget_threshold=0.7, same_output_level=0.9)
     assert kept.reproduced and kept.forgotten is False and kept.reason.startswith("not forgotten")

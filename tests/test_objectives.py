@@ -2,7 +2,7 @@
 
 - the forget loss pulls the model's output at the target's noisy points towards the surrogate
   and away from the target;
-- each half's loss weights its samples exactly as unlearn_core.weighting says (lambda(t), the
+- each half's loss weights its samples exactly as unlearn_core.method.weighting says (lambda(t), the
   forget space, the remember weight);
 - surgery changes ours' update exactly when the two gradients conflict; balance bounds g_f;
 - every baseline combines its gradients by its own paper's formula, not by ours.
@@ -17,12 +17,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from unlearn_core import UnlearnConfig
-from unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
-from unlearn_core.objectives import SISS, EraseDiff, NegGrad, SurrogateUnlearning
-from unlearn_core.process import DDPMEpsilon, RectifiedFlow
-from unlearn_core.surgery import BALANCE_MODES, SURGERY_MODES, dot, project_off
-from unlearn_core.trainer import make_objective, train_unlearning
-from unlearn_core.weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS
+from unlearn_core.data.sets import ForgetTargets, RememberSet, UnlearnData
+from unlearn_core.diffusion.process import DDPMEpsilon, RectifiedFlow
+from unlearn_core.method.objectives import SISS, EraseDiff, NegGrad, SurrogateUnlearning
+from unlearn_core.method.surgery import BALANCE_MODES, SURGERY_MODES, dot, project_off
+from unlearn_core.method.trainer import make_objective, train_unlearning
+from unlearn_core.method.weighting import FORGET_SPACES, REMEMBER_WEIGHTS, WEIGHTINGS
 
 SHAPE = (2, 4, 4)
 

@@ -17,8 +17,8 @@ def test_unlearn_core_never_imports_the_host():
     offenders = [str(p) for p in (ROOT / "unlearn_core").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
     code = (
-        "import sys, unlearn_core, unlearn_core.backends.diffusers_backend, unlearn_core.metrics, "
-        "unlearn_core.surrogate, unlearn_core.lora\n"
+        "import sys, unlearn_core, unlearn_core.backends.diffusers_backend, unlearn_core.verify.metrics, "
+        "unlearn_core.data.surrogate, unlearn_core.formats.lora\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {HOST_MODULES!r}]\n"
         "assert not bad, bad"
     )
@@ -90,3 +90,22 @@ def test_what_the_demo_and_the_provider_walkthrough_write_is_not_tracked(written
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     assert subprocess.run(["git", "check-ignore", "-q", written], cwd=ROOT).returncode == 0, written
+
+
+def test_the_flat_module_names_of_earlier_releases_import_as_the_same_modules():
+    """Saved scripts wrote unlearn_core.lora, unlearn_core.metrics, ...: each still imports, and is
+    the very module of its part folder (one class object whichever name a script used)."""
+    import importlib
+
+    from unlearn_core.old_paths import MOVED
+
+    folders = {p.parent.name for p in (ROOT / "unlearn_core").glob("*/__init__.py")}
+    for old, new in MOVED.items():
+        assert not (ROOT / "unlearn_core" / f"{old}.py").exists() and new.split(".")[0] in folders
+        assert importlib.import_module(f"unlearn_core.{old}") is importlib.import_module(f"unlearn_core.{new}")
+    from unlearn_core.data import UnlearnData
+    from unlearn_core.data.sets import UnlearnData as moved
+
+    assert UnlearnData is moved
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("unlearn_core.no_such_module")

@@ -9,17 +9,17 @@ from safetensors.torch import save_file
 
 from unlearn_core import UnlearnConfig, __version__, load_lora
 from unlearn_core.cli import main
+from unlearn_core.data.seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
 from unlearn_core.demo.run import DemoSettings, run_demo
-from unlearn_core.files import tensor_hash
-from unlearn_core.lora import REPRODUCTION_KEYS
-from unlearn_core.seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
+from unlearn_core.formats.files import tensor_hash
+from unlearn_core.formats.lora import REPRODUCTION_KEYS
 
 QUICK = dict(seeds_per_class=2, sample_steps=4, remember_same_prompt=4, remember_per_other_class=1, integrity_seeds=8,
              config=UnlearnConfig(steps=3, learning_rate=1e-3, lora_rank=4, forget_batch_size=2, remember_batch_size=2))  # fmt: skip
 
 
 def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
-    from unlearn_core.sampling import DenoiserSampler
+    from unlearn_core.diffusion.sampling import DenoiserSampler
 
     generated = []  # (seeds, with LoRA) of every call on the core's sampler, in order
 
@@ -33,7 +33,7 @@ def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
     steps = []
     report = run_demo(tmp_path, DemoSettings(**QUICK), callback=lambda step, total, m: steps.append(step))
     assert steps == [1, 2, 3]
-    # the seed rule: training's remember seeds and the check's held-out seeds come from unlearn_core.seeds, disjoint
+    # the seed rule: training's remember seeds and the check's held-out seeds come from unlearn_core.data.seeds, disjoint
     target_seed = report["target"]["seed"]
     remember = {seed for seeds, _ in generated[1:-4] for seed in seeds}
     held_out = preserve_seeds(target_seed, QUICK["integrity_seeds"])

@@ -9,7 +9,7 @@ from conftest import assert_bit_identical, snapshot
 from unlearn_core import RectifiedFlow, UnlearnConfig
 from unlearn_core.backends.diffusers_backend import unlearn_diffusers
 from unlearn_core.errors import InputError
-from unlearn_core.trainer import compute_dtype, make_optimizer
+from unlearn_core.method.trainer import compute_dtype, make_optimizer
 
 FLOW = RectifiedFlow()
 

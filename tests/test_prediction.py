@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_core.prediction import Epsilon, FlowVelocity, Velocity
+from unlearn_core.diffusion.prediction import Epsilon, FlowVelocity, Velocity
 
 g = torch.Generator().manual_seed(0)
 X0, NOISE, OUTPUT = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(3))

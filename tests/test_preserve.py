@@ -1,11 +1,16 @@
-"""The one preserve check (unlearn_core.preserve): reproduction, forgetting by copy similarity, integrity."""
+"""The one preserve check (unlearn_core.verify.preserve): reproduction, forgetting by copy similarity, integrity."""
 
 import pytest
 import torch
 
 from unlearn_core.errors import InputError
-from unlearn_core.metrics import FeatureCopyDetector, PixelCopyDetector, copy_similarity, ssim
-from unlearn_core.preserve import (
+from unlearn_core.verify.metrics import (
+    FeatureCopyDetector,
+    PixelCopyDetector,
+    copy_similarity,
+    ssim,
+)
+from unlearn_core.verify.preserve import (
     PreservePair,
     Replay,
     TargetImages,

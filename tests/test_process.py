@@ -2,14 +2,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from unlearn_core.process import (
+from unlearn_core.diffusion.process import (
     DDPMEpsilon,
     DDPMVelocity,
     RectifiedFlow,
     ddpm_process,
     x0_space_loss,
 )
-from unlearn_core.sampling import step_to
+from unlearn_core.diffusion.sampling import step_to
 
 
 def ddpm(schedule="linear"):

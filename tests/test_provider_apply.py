@@ -9,15 +9,20 @@ from conftest import make_data, make_tiny_sd3, make_tiny_unet, save_ddpm_pipelin
 from diffusers import DDPMPipeline, DDPMScheduler, SD3Transformer2DModel, UNet2DModel
 
 from unlearn_core import DDPMEpsilon, InputError, RectifiedFlow, UnlearnConfig, save_lora
-from unlearn_core.apply import APPLIED_RECORD, apply_to_folder, apply_to_pipeline, merge_into
 from unlearn_core.backends.diffusers_backend import (
     DiffusersDenoiser,
     lora_attached,
     unlearn_diffusers,
 )
 from unlearn_core.cli import main
-from unlearn_core.full_weights import save_full_weights
-from unlearn_core.lora import KEY_FORMATS
+from unlearn_core.formats.apply import (
+    APPLIED_RECORD,
+    apply_to_folder,
+    apply_to_pipeline,
+    merge_into,
+)
+from unlearn_core.formats.full_weights import save_full_weights
+from unlearn_core.formats.lora import KEY_FORMATS
 
 CONFIG = UnlearnConfig(steps=3, learning_rate=5e-2, lora_rank=2, forget_batch_size=1, remember_batch_size=2)
 

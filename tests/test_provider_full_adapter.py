@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from unlearn_core import ForgetTargets, RememberSet, UnlearnConfig, UnlearnData
 from unlearn_core.backends.diffusers_backend import unlearn_diffusers
 from unlearn_core.cli import main
-from unlearn_core.lora import REPRODUCTION_KEYS
-from unlearn_core.model_folders import locate
+from unlearn_core.formats.lora import REPRODUCTION_KEYS
+from unlearn_core.formats.model_folders import locate
 
 FULL = {"adapter": "full", "learning_rate": 1e-3}
 

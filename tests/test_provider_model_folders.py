@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from unlearn_core import InputError
 from unlearn_core.cli import main
-from unlearn_core.model_folders import locate
+from unlearn_core.formats.model_folders import locate
 
 
 def alphas(source) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_model_sections_that_cannot_work_are_refused(tmp_path, spec, wrong):
 
 
 def test_a_v_prediction_schedule_gets_the_v_process_and_a_sample_schedule_is_refused(tmp_path):
-    from unlearn_core.process import DDPMVelocity
+    from unlearn_core.diffusion.process import DDPMVelocity
 
     save_ddpm_pipeline(tmp_path / "pipe", prediction_type="v_prediction")
     assert type(locate({"path": "pipe"}, tmp_path).process()) is DDPMVelocity
@@ -107,7 +107,8 @@ def test_the_cli_trains_on_a_pipeline_folder_with_its_schedule(tmp_path):
     cosine schedule's (they differ from what linear betas give)."""
     from unlearn_core import DDPMEpsilon
     from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
-    from unlearn_core.sampling import sample, seeded_noise
+    from unlearn_core.diffusion.noise import seeded_noise
+    from unlearn_core.diffusion.sampling import sample
 
     save_ddpm_pipeline(tmp_path / "pipe")
     save_targets(tmp_path / "targets.safetensors")

@@ -10,11 +10,12 @@ import torch
 from conftest import make_tiny_sd3, quick_job, save_targets, sd3_cond
 from safetensors.torch import load_file, save_file
 
-import unlearn_core.provider as provider
+import unlearn_core.serve.provider as provider
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
 from unlearn_core.cli import main
-from unlearn_core.model_folders import locate
-from unlearn_core.sampling import sample, seeded_noise
+from unlearn_core.diffusion.noise import seeded_noise
+from unlearn_core.diffusion.sampling import sample
+from unlearn_core.formats.model_folders import locate
 
 STEPS = 6
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from unlearn_core import load_lora
 from unlearn_core.cli import main
-from unlearn_core.files import tensor_hash
+from unlearn_core.formats.files import tensor_hash
 
 
 def test_the_job_writes_its_training_data_preview_and_report_beside_the_lora(tmp_path):

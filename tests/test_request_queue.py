@@ -10,8 +10,8 @@ from conftest import make_tiny_sd3, quick_job, save_targets, sd3_cond
 
 from unlearn_core import InputError
 from unlearn_core.cli import main
-from unlearn_core.request_queue import LostClaim, RequestQueue
-from unlearn_core.request_worker import AUDIT_FILE, RequestWorker
+from unlearn_core.serve.request_queue import LostClaim, RequestQueue
+from unlearn_core.serve.request_worker import AUDIT_FILE, RequestWorker
 
 WORKER = {"host": "test", "pid": 1}
 

@@ -7,10 +7,11 @@ from diffusers import DDPMScheduler
 
 from unlearn_core import DDPMEpsilon, InputError, RectifiedFlow
 from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
-from unlearn_core.remember import RememberRequest, generate_remember, split_count
-from unlearn_core.sampling import DenoiserSampler, sample, seeded_noise
-from unlearn_core.seeds import remember_seeds
-from unlearn_core.surrogate import SURROGATE_KINDS, build_surrogate, flipped, noised
+from unlearn_core.data.remember import RememberRequest, generate_remember, split_count
+from unlearn_core.data.seeds import remember_seeds
+from unlearn_core.data.surrogate import SURROGATE_KINDS, build_surrogate, flipped, noised
+from unlearn_core.diffusion.noise import seeded_noise
+from unlearn_core.diffusion.sampling import DenoiserSampler, sample
 
 
 @pytest.fixture(params=["sd3", "unet"])

@@ -1,7 +1,7 @@
 import pytest
 
+from unlearn_core.data.seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
 from unlearn_core.errors import InputError
-from unlearn_core.seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
 
 
 @pytest.mark.parametrize("seed", [0, 11, 2**64 - 5])

@@ -7,9 +7,9 @@ from diffusers import DDPMScheduler
 
 from unlearn_core import DDPMEpsilon, RectifiedFlow, UnlearnConfig
 from unlearn_core.backends.diffusers_backend import lora_attached
-from unlearn_core.denoiser import concat
-from unlearn_core.split_gradients import LayerGradientSplit
-from unlearn_core.trainer import make_objective, train_unlearning
+from unlearn_core.diffusion.denoiser import concat
+from unlearn_core.method.split_gradients import LayerGradientSplit
+from unlearn_core.method.trainer import make_objective, train_unlearning
 
 FLOW = RectifiedFlow()
 DDPM = DDPMEpsilon.from_scheduler(DDPMScheduler(num_train_timesteps=1000))

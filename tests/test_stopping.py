@@ -1,5 +1,5 @@
 """Verified stopping, the rate that rises while a target is still produced, and the remember loss
-that pulls towards the base model's own prediction (unlearn_core.stopping, trainer, objectives)."""
+that pulls towards the base model's own prediction (unlearn_core.method.stopping, trainer, objectives)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ from unlearn_core.backends.diffusers_backend import (
     unlearn_diffusers,
 )
 from unlearn_core.errors import InputError
-from unlearn_core.metrics import PixelCopyDetector
-from unlearn_core.stopping import CheckResult, ForgettingCheck, RateRaise, StopRule, probe_weights
-from unlearn_core.trainer import train_unlearning
+from unlearn_core.method.stopping import (
+    CheckResult,
+    ForgettingCheck,
+    RateRaise,
+    StopRule,
+    probe_weights,
+)
+from unlearn_core.method.trainer import train_unlearning
+from unlearn_core.verify.metrics import PixelCopyDetector
 
 FLOW = RectifiedFlow(shift=3.0)
 

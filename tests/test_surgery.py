@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unlearn_core.surgery import combine_gradients, dot, project_off
+from unlearn_core.method.surgery import combine_gradients, dot, project_off
 
 
 def test_conflicting_forget_gradient_is_projected_orthogonal():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unlearn_core.weighting import ConstantWeighting, PowerWeighting, make_weighting
+from unlearn_core.method.weighting import ConstantWeighting, PowerWeighting, make_weighting
 
 
 def test_power_schedule_emphasises_forgetting_at_high_noise():

@@ -13,21 +13,24 @@ Public API (what the ComfyUI nodes and the CLI call):
 - :func:`build_surrogate`, :class:`DenoiserSampler`: surrogates through any :class:`Sampler` (the core's
   over a denoiser, or a host's).
 - :func:`save_lora`, :func:`load_lora`, :func:`to_mmdit`, :func:`to_diffusers`: LoRA files and formats.
-- :mod:`unlearn_core.metrics`: SSIM, PSNR, LPIPS (or Unavailable), copy similarity.
-- :mod:`unlearn_core.preserve`: the preserve check the nodes and the demo run (forgetting by copy
+- :mod:`unlearn_core.verify.metrics`: SSIM, PSNR, LPIPS (or Unavailable), copy similarity.
+- :mod:`unlearn_core.verify.preserve`: the preserve check the nodes and the demo run (forgetting by copy
   similarity once the base model reproduces the target; integrity on held-out seeds).
 """
 
-from .config import UnlearnConfig
-from .data import ForgetTargets, RememberSet, UnlearnData
-from .denoiser import Denoiser
+from . import old_paths
+from .data.sets import ForgetTargets, RememberSet, UnlearnData
+from .data.surrogate import build_surrogate
+from .diffusion.denoiser import Denoiser
+from .diffusion.process import DDPMEpsilon, ForwardProcess, RectifiedFlow
+from .diffusion.sampling import DenoiserSampler, Sampler
 from .errors import InputError, TrainingDiverged, TrainingStopped, UnlearnError
-from .lora import LoraLayer, LoraWeights, load_lora, save_lora, to_diffusers, to_mmdit
-from .process import DDPMEpsilon, ForwardProcess, RectifiedFlow
-from .sampling import DenoiserSampler, Sampler
-from .surrogate import build_surrogate
-from .trainer import TrainResult, train_unlearning
+from .formats.lora import LoraLayer, LoraWeights, load_lora, save_lora, to_diffusers, to_mmdit
+from .method.config import UnlearnConfig
+from .method.trainer import TrainResult, train_unlearning
 from .version import __version__
+
+old_paths.install(__name__)
 
 __all__ = [
     "UnlearnConfig",

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import UnlearnConfig
+from .data.surrogate import SAMPLED_KINDS
 from .errors import InputError, UnlearnError
+from .method.config import UnlearnConfig
 from .runtime import configure_torch
-from .surrogate import SAMPLED_KINDS
 
 log = logging.getLogger("unlearn_core")
 
@@ -76,8 +76,8 @@ def _demo(args) -> int:
 
 def _run(args) -> int:
     job = read_job(Path(args.config))  # before importing the model libraries: a bad file fails at once
-    from .model_folders import ModelCache
-    from .provider import run_job
+    from .formats.model_folders import ModelCache
+    from .serve.provider import run_job
 
     progress = _ProgressBar("unlearning")
     result = run_job(job, base_dir=Path(args.config).parent, callback=progress, models=ModelCache(args.device))
@@ -87,7 +87,7 @@ def _run(args) -> int:
 
 
 def _apply(args) -> int:
-    from .apply import apply_to_folder
+    from .formats.apply import apply_to_folder
 
     out = apply_to_folder(args.model, args.result, args.out, scale=args.scale)
     print(f"wrote {out} (load it with from_pretrained)")
@@ -95,9 +95,9 @@ def _apply(args) -> int:
 
 
 def _submit(args) -> int:
-    from .files import safe_name
-    from .provider import plan_job
-    from .request_queue import RequestQueue
+    from .formats.files import safe_name
+    from .serve.provider import plan_job
+    from .serve.request_queue import RequestQueue
 
     if args.name and len(args.requests) > 1:
         raise InputError("--name names one request; submit several files without it (each takes its file's name)")
@@ -111,7 +111,7 @@ def _submit(args) -> int:
 
 
 def _status(args) -> int:
-    from .request_queue import STATES, RequestQueue
+    from .serve.request_queue import STATES, RequestQueue
 
     root = Path(args.root)
     if not (root / "pending").is_dir():
@@ -130,7 +130,7 @@ def _status(args) -> int:
 
 
 def _serve(args) -> int:
-    from .cluster import ServeSettings, serve
+    from .serve.cluster import ServeSettings, serve
 
     settings = ServeSettings(workers=args.workers, address=args.address, gpus_per_worker=args.gpus_per_worker,
                              cpus_per_worker=args.cpus_per_worker, local_cpus=args.local_cpus,

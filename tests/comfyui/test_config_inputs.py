@@ -23,7 +23,7 @@ pytestmark = pytest.mark.comfyui
 @pytest.fixture(scope="module")
 def mapping(pack):
     from instance_unlearn.nodes import config_inputs
-    from instance_unlearn.unlearn_core.config import UnlearnConfig, options
+    from instance_unlearn.unlearn_core.method.config import UnlearnConfig, options
 
     return {"module": config_inputs, "options": options(), "UnlearnConfig": UnlearnConfig}
 

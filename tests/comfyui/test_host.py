@@ -73,9 +73,9 @@ def test_erasediff_aims_the_native_output_at_the_noise_on_the_host_as_in_the_lib
     """EraseDiff's forget target is the x0 whose *native* output (velocity, or epsilon) is the
     unrelated noise, on the host as in the library: its loss is zero exactly at that x0."""
     from instance_unlearn.nodes.host import HostProcess
-    from instance_unlearn.unlearn_core.data import ForgetTargets, RememberSet, UnlearnData
-    from instance_unlearn.unlearn_core.objectives import EraseDiff
-    from instance_unlearn.unlearn_core.process import RectifiedFlow
+    from instance_unlearn.unlearn_core.data.sets import ForgetTargets, RememberSet, UnlearnData
+    from instance_unlearn.unlearn_core.diffusion.process import RectifiedFlow
+    from instance_unlearn.unlearn_core.method.objectives import EraseDiff
 
     sampling = sampling_for(kind)
     process = HostProcess(sampling, kind)

@@ -22,7 +22,7 @@ ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q
 
 def random_lora(generator: torch.Generator, rank: int, blocks: range, parts=ATTENTION):
     """A LoRA of the tiny SD3 (diffusers names, width 128) with small random weights, alpha = rank + block."""
-    from instance_unlearn.unlearn_core.lora import LoraLayer, LoraWeights
+    from instance_unlearn.unlearn_core.formats.lora import LoraLayer, LoraWeights
 
     return LoraWeights({f"transformer_blocks.{block}.{part}": LoraLayer(torch.randn(rank, 128, generator=generator) * 0.05,
                                                                       torch.randn(128, rank, generator=generator) * 0.05,
@@ -33,7 +33,7 @@ def random_lora(generator: torch.Generator, rank: int, blocks: range, parts=ATTE
 def test_a_merged_lora_loads_as_the_loras_it_sums_loaded_one_after_another(comfy, loaded):
     """The file of several results in one (lora.sum_of) gives, through the stock loader, the output of
     each result's own file stacked with LoraLoaderModelOnly after LoraLoaderModelOnly."""
-    from instance_unlearn.unlearn_core.lora import save_lora, sum_of
+    from instance_unlearn.unlearn_core.formats.lora import save_lora, sum_of
 
     generator = torch.Generator().manual_seed(3)
     loras = [random_lora(generator, 4, range(2)), random_lora(generator, 2, range(1))]
@@ -53,7 +53,7 @@ def test_training_on_a_model_with_an_earlier_lora_continues_from_it(comfy, loade
     """A second request trains on the model as it already is: the earlier result applied by the
     stock loader before the trainer. Its new LoRA, stacked on the earlier one by the stock loader
     again, gives the trainer's own output, and neither the base nor the earlier result changes."""
-    from instance_unlearn.unlearn_core.lora import save_lora
+    from instance_unlearn.unlearn_core.formats.lora import save_lora
 
     earlier = random_lora(torch.Generator().manual_seed(5), 4, range(1), ("attn.to_q", "attn.to_v", "attn.add_k_proj"))
     earlier_name = save_lora(comfy["base"] / "models" / "loras" / "earlier_request.safetensors", earlier, "comfy").name

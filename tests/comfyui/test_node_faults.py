@@ -157,8 +157,8 @@ def test_two_runs_in_one_process_leave_the_cached_model_bit_identical_and_repeat
                                                                                                 with_surrogates):  # fmt: skip
     from instance_unlearn.nodes import host
     from instance_unlearn.unlearn_core import __version__
-    from instance_unlearn.unlearn_core.files import tensor_hash
-    from instance_unlearn.unlearn_core.lora import REPRODUCTION_KEYS, load_lora
+    from instance_unlearn.unlearn_core.formats.files import tensor_hash
+    from instance_unlearn.unlearn_core.formats.lora import REPRODUCTION_KEYS, load_lora
 
     base, targets = loaded["model"], with_surrogates[0]
     loras = comfy["base"] / "models" / "loras" / "repeat"

@@ -59,7 +59,7 @@ def test_base_model_with_the_recorded_negative_reproduces_the_target_and_is_not_
 def test_a_target_the_base_model_cannot_reproduce_is_never_counted_forgotten(loaded, node, batch):
     targets = mark(node, loaded, batch, "verdict_missing", with_negative=False)
     report, passed = check(node, loaded, targets)
-    from instance_unlearn.unlearn_core.metrics import SAME_OUTPUT_SSIM
+    from instance_unlearn.unlearn_core.verify.metrics import SAME_OUTPUT_SSIM
 
     row = report["targets"][0]
     # the zeroed negative gives another image: below the same-output level (how far below depends on
@@ -116,9 +116,9 @@ def core(image):
 
 
 def test_the_nodes_verdict_and_figures_are_the_cores_check_on_the_same_images(loaded, node, trained, decoded):
-    """Preserve Check only generates: its report is unlearn_core.preserve's check (the demo's) on its images."""
-    from instance_unlearn.unlearn_core.metrics import PixelCopyDetector, load_lpips
-    from instance_unlearn.unlearn_core.preserve import (
+    """Preserve Check only generates: its report is unlearn_core.verify.preserve's check (the demo's) on its images."""
+    from instance_unlearn.unlearn_core.verify.metrics import PixelCopyDetector, load_lpips
+    from instance_unlearn.unlearn_core.verify.preserve import (
         PreservePair,
         TargetImages,
         Thresholds,
@@ -151,7 +151,10 @@ def test_the_nodes_verdict_and_figures_are_the_cores_check_on_the_same_images(lo
 
 def test_an_sscd_file_in_models_unlearn_measures_forgetting(comfy, loaded, node, trained, decoded, tmp_path, monkeypatch):
     from instance_unlearn.nodes.preserve_check import PreserveCheck
-    from instance_unlearn.unlearn_core.metrics import TorchScriptCopyDetector, copy_similarity
+    from instance_unlearn.unlearn_core.verify.metrics import (
+        TorchScriptCopyDetector,
+        copy_similarity,
+    )
 
     folder = tmp_path / "models" / "unlearn"
     folder.mkdir(parents=True)
@@ -174,7 +177,7 @@ def test_an_sscd_file_in_models_unlearn_measures_forgetting(comfy, loaded, node,
 
 def test_remember_seeds_and_preserve_seeds_are_disjoint(loaded, node, batch, monkeypatch, pack):
     from instance_unlearn.nodes import host
-    from instance_unlearn.unlearn_core.seeds import preserve_seeds, remember_seeds
+    from instance_unlearn.unlearn_core.data.seeds import preserve_seeds, remember_seeds
 
     seeds, original = [], host.ksample
 

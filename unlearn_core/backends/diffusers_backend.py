@@ -32,17 +32,17 @@ import torch
 from peft import LoraConfig, LoraModel
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
-from ..config import UnlearnConfig
-from ..data import UnlearnData
-from ..denoiser import Conditioning
+from ..data.sets import UnlearnData
+from ..diffusion.denoiser import Conditioning
+from ..diffusion.process import ForwardProcess
 from ..errors import InputError
-from ..lora import LoraLayer, LoraWeights, reproduction_metadata
-from ..model_folders import COMPONENTS
-from ..objectives import BasePrediction
-from ..process import ForwardProcess
-from ..split_gradients import LayerGradientSplit
-from ..stopping import CheckSettings, sampler_check
-from ..trainer import Callback, TrainResult, train_unlearning
+from ..formats.lora import LoraLayer, LoraWeights, reproduction_metadata
+from ..formats.model_folders import COMPONENTS
+from ..method.config import UnlearnConfig
+from ..method.objectives import BasePrediction
+from ..method.split_gradients import LayerGradientSplit
+from ..method.stopping import CheckSettings, sampler_check
+from ..method.trainer import Callback, TrainResult, train_unlearning
 
 __all__ = [
     "DiffusersDenoiser",
@@ -204,7 +204,7 @@ class DiffusersDenoiser:
     """A diffusers network + its forward process behind the :class:`Denoiser` interface.
 
     ``gradient_split`` (optional, covering exactly ``parameters``) lets the trainer take the
-    forget and remember gradients from one pass (:mod:`unlearn_core.split_gradients`).
+    forget and remember gradients from one pass (:mod:`unlearn_core.method.split_gradients`).
     """
 
     def __init__(
@@ -379,7 +379,7 @@ def lora_attached(
     """
     if weights is not None:
         if weights.namespace != "diffusers":
-            raise InputError("apply a diffusers-namespace LoRA (convert with unlearn_core.lora.to_diffusers)")
+            raise InputError("apply a diffusers-namespace LoRA (convert with unlearn_core.formats.lora.to_diffusers)")
         targets = tuple(weights.layers)
         ranks = {name: layer.rank for name, layer in weights.layers.items()}
         alphas = {name: layer.alpha for name, layer in weights.layers.items()}

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.process import DDPMEpsilon, RectifiedFlow
 from ..errors import InputError
-from ..process import DDPMEpsilon, RectifiedFlow
 
 __all__ = [
     "FLAG_CLASSES",
@@ -373,7 +373,7 @@ class _FlagFeatures(torch.nn.Module):
 def flag_copy_detector(classifier: FlagClassifier | None = None):
     """Copy similarity in the flag classifier's penultimate features: the offline stand-in for
     SSCD on the flags model (a learned feature space of exactly this data)."""
-    from ..metrics import FeatureCopyDetector
+    from ..verify.metrics import FeatureCopyDetector
 
     return FeatureCopyDetector(_FlagFeatures(classifier or load_flags_classifier()), "flag-classifier features")
 

@@ -2,8 +2,8 @@
 
 :func:`run_demo` runs it on the embedded flags model (an SD3-architecture rectified-flow
 transformer trained by ``benchmarks/train_demo_models.py``) and writes a before/after grid,
-the LoRA and a JSON + HTML report. Its preserve check is :func:`unlearn_core.preserve.check_preservation`,
-the one the ComfyUI node runs; its seeds follow :mod:`unlearn_core.seeds`.
+the LoRA and a JSON + HTML report. Its preserve check is :func:`unlearn_core.verify.preserve.check_preservation`,
+the one the ComfyUI node runs; its seeds follow :mod:`unlearn_core.data.seeds`.
 """
 
 from __future__ import annotations
@@ -21,20 +21,21 @@ from pathlib import Path
 import torch
 
 from ..backends.diffusers_backend import DiffusersDenoiser, lora_attached, unlearn_diffusers
-from ..config import UnlearnConfig
-from ..data import ForgetTargets, RememberSet, UnlearnData
+from ..data.forget_set import ForgetSetStore
+from ..data.remember import RememberRequest, generate_remember
+from ..data.seeds import MAX_REMEMBER, preserve_seeds
+from ..data.sets import ForgetTargets, RememberSet, UnlearnData
+from ..data.surrogate import SAMPLED_KINDS, build_surrogate
+from ..diffusion.noise import seeded_noise
+from ..diffusion.sampling import DenoiserSampler
 from ..errors import InputError
-from ..files import atomic_write_text, tensor_hash
-from ..forget_set import ForgetSetStore
-from ..lora import LoraWeights, reproduction_metadata, save_lora
-from ..metrics import load_lpips, ssim, to_unit
-from ..preserve import HeldOut, Replay, Thresholds, check_preservation, paired, regenerate
-from ..previews import save_png, tile_grid
-from ..remember import RememberRequest, generate_remember
-from ..sampling import DenoiserSampler, seeded_noise
-from ..seeds import MAX_REMEMBER, preserve_seeds
-from ..stopping import CheckSettings
-from ..surrogate import SAMPLED_KINDS, build_surrogate
+from ..formats.files import atomic_write_text, tensor_hash
+from ..formats.lora import LoraWeights, reproduction_metadata, save_lora
+from ..method.config import UnlearnConfig
+from ..method.stopping import CheckSettings
+from ..verify.metrics import load_lpips, ssim, to_unit
+from ..verify.preserve import HeldOut, Replay, Thresholds, check_preservation, paired, regenerate
+from ..verify.previews import save_png, tile_grid
 
 __all__ = ["DemoSettings", "LabelSampler", "run_demo", "generate"]
 
@@ -53,7 +54,7 @@ def generate(model, process, cond_fn: Callable, labels: list[int], seeds: list[i
 
 
 class LabelSampler:
-    """The embedded models' :class:`~unlearn_core.sampling.Sampler`: a prompt is a class label (or
+    """The embedded models' :class:`~unlearn_core.diffusion.sampling.Sampler`: a prompt is a class label (or
     one label per seed), turned into conditioning by ``cond_fn``."""
 
     def __init__(self, sampler: DenoiserSampler, cond_fn: Callable):

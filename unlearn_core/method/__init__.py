@@ -1,0 +1,2 @@
+"""The unlearning method: its options, the objectives, timestep weighting, gradient surgery, the
+training loop and verified stopping."""

@@ -1,0 +1,1 @@
+"""Checking a result: metrics and copy detectors, the preserve check, preview images."""
