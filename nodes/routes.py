@@ -7,11 +7,13 @@
 
 The handlers are plain functions over validated dicts returning (status, JSON); the aiohttp
 layer only checks the content type, sizes and parses requests. Every error, including any
-other path under /unlearn/, is JSON with a 4xx code and a message.
+other path under /unlearn/, is JSON with a 4xx code and a message, and names the server's
+folders as ComfyUI does ("output/..."), never by their absolute path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..unlearn_core.data.forget_set import MAX_SIDE, ForgetSetStore
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.files import safe_name
-from ..unlearn_core.forget_set import MAX_SIDE, ForgetSetStore
+from ..unlearn_core.formats.files import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,22 @@ class ForgetSetHandlers:
         self.store = store
         self.directory_for = directory_for
 
+    def public_text(self, text: str) -> str:
+        """``text`` with the server's folders written as ComfyUI names them: ``output/...`` (or
+        ``input``, ``temp``), and ``forget_sets/...`` for a store outside them. The core's errors
+        name absolute paths, which help on the server's console but tell a web client where the
+        server keeps its files."""
+        folders = [(kind, root) for kind in IMAGE_TYPES if (root := self.directory_for(kind))]
+        folders.sort(key=lambda folder: -len(str(folder[1])))  # a folder inside another first
+        folders.append(("forget_sets", self.store().root))  # after: in ComfyUI it lies inside output/
+        for label, root in folders:
+            for spelling in dict.fromkeys((str(Path(root)), str(Path(root).resolve()))):
+                text = text.replace(spelling, label)
+        return text
+
+    def _refusal(self, status: int, error: Exception) -> Response:
+        return _error(status, self.public_text(str(error)))
+
     def list_sets(self) -> Response:
         store = self.store()
         sets = []
@@ -55,7 +73,7 @@ class ForgetSetHandlers:
             try:
                 sets.append({"name": name, "count": len(store.records(name))})
             except InputError as error:  # one damaged set must not hide the others
-                sets.append({"name": name, "count": None, "error": str(error)})
+                sets.append({"name": name, "count": None, "error": self.public_text(str(error))})
         return 200, {"forget_sets": sets}
 
     def show_set(self, name: str) -> Response:
@@ -63,7 +81,7 @@ class ForgetSetHandlers:
             name = safe_name(name, "forget-set name")
             records = self.store().records(name)
         except InputError as error:
-            return _error(400, str(error))
+            return self._refusal(400, error)
         if not records:
             return _error(404, f"forget set {name!r} does not exist or is empty")
         targets = [{"id": r.id, "width": r.width, "height": r.height, "has_mask": r.mask is not None,
@@ -83,7 +101,7 @@ class ForgetSetHandlers:
                 if record.id == target_id:
                     return 200, store.image_file(name, record)  # refuses paths outside the set's folder
         except InputError as error:
-            return _error(400, str(error))
+            return self._refusal(400, error)
         return _error(404, f"no target {target_id} in forget set {name!r}")
 
     def mark(self, body) -> Response:
@@ -101,21 +119,23 @@ class ForgetSetHandlers:
         kind = body.get("type", "output")
         if kind not in IMAGE_TYPES:
             return _error(400, f"'type' must be one of {list(IMAGE_TYPES)}")
+        subfolder = body.get("subfolder", "")
+        shown = f"{kind} image {subfolder + '/' if subfolder else ''}{body['filename']}"  # what the client asked for
         try:
             name = safe_name(body["forget_set"], "forget-set name")
-            path = self._image_file(kind, body.get("subfolder", ""), body["filename"])
+            path = self._image_file(kind, subfolder, body["filename"])
         except InputError as error:
-            return _error(400, str(error))
-        except FileNotFoundError as error:
-            return _error(404, str(error))
+            return self._refusal(400, error)
+        except FileNotFoundError:
+            return _error(404, f"no {shown}")
         if path.stat().st_size > MAX_IMAGE_BYTES:
             return _error(413, f"the image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
         try:
-            pixels = _read_image(path)
+            pixels = _read_image(path, shown)
             record, added = self.store().add(name, pixels, provenance={
-                "source": "context menu", "filename": body["filename"], "subfolder": body.get("subfolder", ""), "type": kind})  # fmt: skip
+                "source": "context menu", "filename": body["filename"], "subfolder": subfolder, "type": kind})  # fmt: skip
         except InputError as error:
-            return _error(400, str(error))
+            return self._refusal(400, error)
         return (201 if added else 200), {"forget_set": name, "id": record.id, "added": added,
                                          "count": len(self.store().records(name))}  # fmt: skip
 
@@ -132,18 +152,21 @@ class ForgetSetHandlers:
         if base not in path.parents:
             raise InputError("the image path leaves its folder")
         if not path.is_file():
-            raise FileNotFoundError(f"no {kind} image {subfolder + '/' if subfolder else ''}{filename}")
+            raise FileNotFoundError(path)
         return path
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path, shown: str) -> np.ndarray:
+    """The pixels of ``path``; errors name it as ``shown`` (PIL's own messages hold the path)."""
     try:
         with Image.open(path) as image:
             if max(image.size) > MAX_SIDE:
                 raise InputError(f"the image is {image.size[0]}x{image.size[1]}; at most {MAX_SIDE} pixels a side")
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Image.UnidentifiedImageError:
+        raise InputError(f"the {shown} is not an image file that PIL can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, Image.DecompressionBombError) as error:
-        raise InputError(f"not a readable image: {error}") from None
+        raise InputError(f"the {shown} is not a readable image: {error}") from None
 
 
 ROUTES = (
@@ -192,10 +215,17 @@ def register(routes, handlers: ForgetSetHandlers) -> None:
         if request.content_length is None or request.content_length > MAX_BODY_BYTES:
             return respond(413, {"error": f"send a JSON body with a Content-Length of at most {MAX_BODY_BYTES} bytes"})
         try:
-            body = json.loads(await request.read())  # the whole declared body, at most MAX_BODY_BYTES
+            raw = await request.read()  # the whole declared body, at most MAX_BODY_BYTES
+        except ConnectionResetError:  # the client hung up mid-body: nobody is left to answer
+            log.info("unlearn: a mark request ended before its body was sent (the client hung up)")
+            return respond(400, {"error": "the body ended before its Content-Length"})
+        try:
+            body = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             return respond(400, {"error": "the body is not valid JSON; send one JSON object"})
-        return respond(*handlers.mark(body))
+        # decoding, hashing and storing a large image take seconds: in a thread, so that the
+        # server's event loop goes on answering every other request meanwhile
+        return respond(*await asyncio.to_thread(handlers.mark, body))
 
     @routes.route("*", "/unlearn/{tail:.*}")
     async def unknown(request):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from unlearn_core import UnlearnConfig, __version__, load_lora
 from unlearn_core.cli import main
 from unlearn_core.data.seeds import MAX_REMEMBER, preserve_seeds, remember_seeds
-from unlearn_core.demo.run import DemoSettings, run_demo
+from unlearn_core.demo.run import DemoSettings, demo_grid, run_demo
 from unlearn_core.formats.files import tensor_hash
 from unlearn_core.formats.lora import REPRODUCTION_KEYS
 
@@ -63,6 +63,37 @@ def test_demo_pipeline_writes_grid_lora_and_reports(tmp_path, monkeypatch):
     assert set(REPRODUCTION_KEYS) <= set(lora.metadata) and json.loads(lora.metadata["unlearn.demo_settings"])["target"] is None
     assert (tmp_path / "forget_sets" / "demo" / "manifest.json").is_file()
     assert "<img src=\"data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_the_demo_grid_labels_its_columns_and_rows_beside_unmoved_images():
+    scale, gap, side = 4, 2, 32
+    generator = torch.Generator().manual_seed(0)
+    target, surrogate, after_target = (torch.rand(1, 3, side, side, generator=generator) * 2 - 1 for _ in range(3))
+    base_others, after_others = (torch.rand(8, 3, side, side, generator=generator) * 2 - 1 for _ in range(2))
+    grid = demo_grid(target, surrogate, after_target, base_others, after_others, scale=scale, gap=gap)
+    tile, step = side * scale, side * scale + gap
+    unlabelled = (3, gap + 3 * step, gap + 8 * step)
+    band_top, band_left = grid.shape[1] - unlabelled[1], grid.shape[2] - unlabelled[2]
+    assert 8 <= band_top <= 30 and 8 <= band_left <= 80, grid.shape  # a band of one line of small text each
+
+    def at(row, column):  # a tile of the grid, counted from the corner the labels leave
+        top, left = band_top + gap + row * step, band_left + gap + column * step
+        return grid[:, top : top + tile, left : left + tile]
+
+    def upscaled(image):
+        return (image.repeat_interleave(scale, -1).repeat_interleave(scale, -2) + 1) / 2
+
+    for (row, column), image in {(0, 0): target[0], (0, 1): surrogate[0], (0, 2): after_target[0],
+                                 (1, 0): base_others[0], (1, 7): base_others[7], (2, 5): after_others[5]}.items():  # fmt: skip
+        assert torch.allclose(at(row, column), upscaled(image)), (row, column)
+
+    def inked(region):  # pixels darker than the white background
+        return int((region < 0.5).all(dim=0).sum())
+
+    columns = [inked(grid[:, :band_top, band_left + gap + c * step : band_left + gap + c * step + tile]) for c in range(8)]
+    assert all(columns[:3]) and not any(columns[3:]), columns  # target | surrogate | after, nothing above the rest
+    rows = [inked(grid[:, band_top + gap + r * step : band_top + gap + r * step + tile, :band_left]) for r in range(3)]
+    assert rows[0] == 0 and rows[1] and rows[2], rows  # before / after for the other seeds
 
 
 def test_demo_takes_a_named_target(tmp_path):

@@ -9,7 +9,7 @@ from conftest import tree
 from PIL import Image
 
 from instance_unlearn.nodes.routes import MAX_IMAGE_BYTES, ForgetSetHandlers, unknown_route
-from instance_unlearn.unlearn_core.forget_set import ForgetSetStore
+from instance_unlearn.unlearn_core.data.forget_set import ForgetSetStore
 
 
 @pytest.fixture
@@ -132,6 +132,24 @@ def test_a_damaged_set_is_reported_not_a_server_error(tampered):
     assert {"name": "good", "count": 1} in listing["forget_sets"]
     assert handlers.show_set("damaged")[0] == 400
     assert handlers.image_path("damaged", target_id)[0] == 400
+
+
+def test_error_texts_name_what_the_client_sent_not_where_the_server_keeps_it(tampered):
+    handlers, store, tmp_path, target_id = tampered
+    (tmp_path / "output" / "sub" / "fake.png").write_text("not an image")
+    answers = {
+        "fake.png": handlers.mark({"forget_set": "a", "filename": "fake.png"}),
+        "sub/fake.png": handlers.mark({"forget_set": "a", "filename": "fake.png", "subfolder": "sub"}),
+        "damaged": handlers.show_set("damaged"),
+        "'damaged'": handlers.image_path("damaged", target_id),
+        "set 'damaged'": handlers.mark({"forget_set": "damaged", "filename": "img.png"}),
+    }
+    for name, (status, payload) in answers.items():
+        assert status == 400 and name in payload["error"], (name, payload)
+    listed = next(s for s in handlers.list_sets()[1]["forget_sets"] if s["name"] == "damaged")
+    assert "delete forget_sets/damaged/manifest.json" in listed["error"], listed
+    text = json.dumps([answers, listed])
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, text
 
 
 UNKNOWN_ROUTES = [

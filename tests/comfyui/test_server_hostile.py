@@ -11,11 +11,19 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
 from conftest import tree
 from PIL import Image
+
+from instance_unlearn.nodes.routes import MAX_SIDE
+
+from .conftest import COMFYUI_PATH
 
 pytestmark = pytest.mark.comfyui
 
@@ -174,3 +182,63 @@ def test_the_store_still_serves_its_own_files_after_the_attack(server, hostile_s
     listing = {entry["name"]: entry for entry in json.loads(body)["forget_sets"]}
     assert status == 200 and listing["good"]["count"] == 1 and listing["damaged"]["count"] is None
     assert "hostile" not in listing and "escape" not in os.listdir(server.base / "output" / "unlearn" / "forget_sets")
+
+
+# Errors that name a file or folder of the server: what the client sees names what it sent.
+PATH_ERRORS = [
+    ("text file named .png", mark(filename="fake.png"), "fake.png"),
+    ("listing with a damaged set", get(SETS), "damaged"),
+    ("damaged set", get(f"{SETS}/damaged"), "damaged"),
+    ("image of a damaged set", get(f"{SETS}/damaged/{ID}.png"), "damaged"),
+    ("mark into a damaged set", mark(forget_set="damaged"), "damaged"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what, request_, name", PATH_ERRORS, ids=[e[0] for e in PATH_ERRORS])
+def test_error_texts_name_what_the_client_sent_not_where_the_server_keeps_it(server, hostile_setup, what, request_, name):
+    request_ = dict(request_, path=request_["path"].replace(ID, hostile_setup["id"]))
+    _, _, body = send(server, **request_)
+    payload = json.loads(body)
+    errors = [payload["error"]] if "error" in payload else [s["error"] for s in payload["forget_sets"] if "error" in s]
+    assert errors and all(name in error for error in errors), payload
+    server_folders = {str(server.base), str(server.base.resolve()), COMFYUI_PATH}
+    assert not [folder for folder in server_folders if folder in body.decode()], payload
+
+
+def test_a_large_mark_does_not_hold_up_other_requests(server):
+    """Decoding, hashing and storing an 8192x8192 image takes seconds; the server meanwhile answers others."""
+    ramp = np.arange(MAX_SIDE, dtype=np.uint32)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :] % 256, ramp[:, None] % 256, (ramp[:, None] + ramp[None, :]) // 64 % 256), axis=-1)
+    (server.base / "output").mkdir(exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(server.base / "output" / "large.png", compress_level=1)  # about 3 MB
+    finished = {}
+
+    def timed(name, **request_):
+        status, _, body = send(server, **request_)
+        finished[name] = (time.monotonic(), status, body[:300])
+
+    marking = threading.Thread(target=timed, args=("mark",), kwargs=post_json({"forget_set": "large", "filename": "large.png"}))
+    started = time.monotonic()
+    marking.start()
+    time.sleep(0.5)  # the mark is being processed
+    timed("other", **get("/api/system_stats"))
+    marking.join(120)
+    assert finished["mark"][1] == 201 and finished["other"][1] == 200, finished
+    mark_seconds = finished["mark"][0] - started
+    assert mark_seconds > 1.5, f"the mark took {mark_seconds:.1f} s: too quick to show anything"
+    assert finished["other"][0] < finished["mark"][0] - 0.5, (
+        f"the other request was answered {finished['other'][0] - started:.1f} s in, the mark {mark_seconds:.1f} s in")
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(server):
+    logged = len(server.log_text())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(b"POST /api/unlearn/mark HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b'Content-Length: 1000\r\n\r\n{"forget_set": "x", "filename": ')  # fmt: skip
+        time.sleep(0.3)  # the server is reading the body
+    deadline = time.monotonic() + 15
+    while not re.search(r"hung up|Traceback", server.log_text()[logged:]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = server.log_text()[logged:]
+    assert "hung up" in after, f"the server did not notice the hang-up:\n{after[-3000:]}"
+    assert not re.search(r"Traceback|ConnectionResetError|Error handling request", after), after[-3000:]

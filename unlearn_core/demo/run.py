@@ -239,14 +239,20 @@ def run_demo(out_dir: str | Path = "out/demo", settings: DemoSettings | None = N
 # --- pictures and the report -------------------------------------------------------------------
 
 
+#: the grid's labels: row 1's columns (one seed), and rows 2-3 (other seeds)
+GRID_COLUMNS = ("target", "surrogate", "after")
+GRID_ROWS = ("", "before", "after")
+
+
 def demo_grid(target, surrogate, after_target, base_others, after_others, scale: int = 4, gap: int = 2) -> torch.Tensor:
-    """Row 1: target | surrogate | after unlearning (same seed). Rows 2-3: other seeds, base vs after."""
+    """Row 1: target | surrogate | after unlearning (same seed). Rows 2-3: other seeds, base vs after.
+    Labelled (:data:`GRID_COLUMNS` above, :data:`GRID_ROWS` on the left)."""
     blank = torch.ones_like(target[0])
     rows = [[target[0], surrogate[0], after_target[0]] + [blank] * (len(base_others) - 3),
             list(base_others), list(after_others)]  # fmt: skip
     cells = [[to_unit(torch.nn.functional.interpolate(c[None], scale_factor=scale, mode="nearest")[0]) for c in row]
              for row in rows]  # fmt: skip
-    return tile_grid(cells, gap)
+    return tile_grid(cells, gap, column_labels=GRID_COLUMNS, row_labels=GRID_ROWS)
 
 
 def report_html(report: dict, grid_path: Path) -> str:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -184,6 +186,7 @@ def serve(root, settings: ServeSettings | None = None, shutdown: Shutdown | None
     shutdown = shutdown or Shutdown()
     ray = require_ray()
     queue = RequestQueue(root, settings.max_attempts, settings.lease_seconds)
+    _plain_worker_prefixes()
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=settings.address, num_cpus=settings.local_cpus if settings.address is None else None,
@@ -250,6 +253,19 @@ def serve(root, settings: ServeSettings | None = None, shutdown: Shutdown | None
         for number, handler in previous.items():
             signal.signal(number, handler)
     return counts
+
+
+def _plain_worker_prefixes() -> None:
+    """Ray prints each line a worker logs with a "(RequestWorker pid=...)" prefix in ANSI colour;
+    in a log file those codes are noise. RAY_COLOR_PREFIX=0, which Ray's printer in this driver
+    reads per line, leaves them out unless both streams are terminals. A value the user set wins.
+    Set for the rest of the process: lines still arrive after serve returns (at Ray's exit)."""
+    if "RAY_COLOR_PREFIX" not in os.environ and not all(_is_terminal(s) for s in (sys.stdout, sys.stderr)):
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+
+
+def _is_terminal(stream) -> bool:
+    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
 
 
 def _install_signals(shutdown: Shutdown) -> dict:

@@ -8,7 +8,7 @@ const TITLE = "Mark as undesired";
 
 // Where the user right-clicked last, in page pixels: Nodes 2.0 draws a node's images as DOM
 // elements (a batch as a grid of them, with node.imgs left empty), so the image under the
-// pointer is found there; the classic canvas tracks it in node.imageIndex / node.overIndex.
+// pointer is found there; the classic canvas is asked in canvas coordinates (shownImage).
 let pointer = null;
 document.addEventListener("contextmenu", (event) => { pointer = { x: event.clientX, y: event.clientY }; }, true);
 
@@ -32,12 +32,27 @@ function imageUnderPointer(node) {
   return hit?.src ? viewParams(hit.src) : null;
 }
 
+// Classic canvas: the grid cell under the right-click, from the cells as last drawn
+// (node.imageRects, relative to the node) and the canvas's pointer position. The frontend's own
+// node.overIndex is updated only when the canvas redraws, so on a right-click that follows a jump
+// of the pointer (after a dialog, say) it still names the cell hovered before.
+function cellUnderPointer(node) {
+  const [x, y] = app.canvas?.graph_mouse ?? [];
+  if (x == null || y == null) return null;
+  const px = x - node.pos[0];
+  const py = y - node.pos[1];
+  const index = (node.imageRects ?? []).findIndex(
+    ([left, top, width, height]) => px > left && px < left + width && py > top && py < top + height,
+  );
+  return index < 0 ? null : index;
+}
+
 // Classic canvas: the image shown alone (one image, or the one clicked into view), or the grid
 // cell under the pointer. A grid with no cell under the pointer marks nothing.
 function shownImage(node) {
   const images = node.imgs ?? [];
   if (!images.length) return null;
-  const index = images.length === 1 ? 0 : node.imageIndex ?? node.overIndex;
+  const index = images.length === 1 ? 0 : node.imageIndex ?? cellUnderPointer(node);
   const element = index == null ? null : images[Math.min(index, images.length - 1)];
   return element?.src ? viewParams(element.src) : null;
 }
