@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,27 @@ def test_a_worker_killed_mid_request_is_replaced_and_the_request_retried(cluster
     assert served_bytes(queue, "long") == cli_bytes(long_job, tmp_path / "cli")
 
 
+def test_a_model_line_survives_a_worker_killed_between_its_requests(cluster, inputs, tmp_path):
+    """Two requests of one line and one worker: the worker is killed once the first is done; the
+    replacement trains the second on the first (exactly once each, the audit records chained)."""
+    queue = RequestQueue(tmp_path / "q")
+    queue.submit({**job(inputs), "line": "provider"}, "first")
+    queue.submit({**job(inputs, steps=40), "line": "provider"}, "second")
+    thread, counts = serve_in_background(queue.root, workers=1)
+    wait_until(lambda: queue.path("done", "first").exists(), what="the first request")
+    victim = queue.record("first")["attempts"][-1]["worker"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(300)
+    assert not thread.is_alive()
+    assert counts["done"] == 2 and counts["workers_started"] == 2
+    assert [e["id"] for e in queue.status()["done"]] == ["first", "second"]
+    outcomes = [a["outcome"] for a in queue.record("second")["attempts"]]
+    assert outcomes in (["done"], ["crashed", "done"]), outcomes  # killed before or while it ran, done once
+    assert queue.record("second")["attempts"][-1]["worker"]["pid"] != victim
+    first, second = (json.loads((queue.outputs(i) / AUDIT_FILE).read_text()) for i in ("first", "second"))
+    assert second["model_state"] == first["result_state"] and second["earlier_requests"] == ["first"]
+
+
 def test_a_shutdown_finishes_running_requests_and_claims_no_more(cluster, inputs, tmp_path):
     queue = RequestQueue(tmp_path / "q")
     for name in ("a", "b", "c"):
@@ -166,22 +188,30 @@ def test_a_second_shutdown_request_releases_running_requests_for_the_next_serve(
 
 
 def test_unlearn_serve_joins_a_running_cluster_and_sigterm_releases_its_request(cluster, inputs, tmp_path):
-    """The command as docs/PROVIDERS.md runs it, pointed at this module's cluster with --address."""
+    """The command as docs/PROVIDERS.md runs it, pointed at this module's cluster with --address,
+    its log written to a file: the worker's lines arrive there as plain text, without colour codes."""
     queue = RequestQueue(tmp_path / "q")
-    queue.submit(job(inputs, steps=3000), "long")
+    queue.submit(job(inputs, steps=3000, balance_ratio=0.5), "long")  # an ignored option: the worker logs a warning
     address = cluster.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "unlearn_core", "serve", str(queue.root), "--address", address, "--workers", "1",
                "--grace-seconds", "0", "--lease-seconds", "60"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_file = tmp_path / "serve.log"
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_COLOR_PREFIX"}  # as a user's shell has it
+    with open(log_file, "w") as log_stream:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_stream, text=True, env=environment)
+    worker_line = re.compile(r"^\S*\(RequestWorker pid=\d+\)", re.M)
     try:
-        wait_until(lambda: running_in_worker(queue, "long") or process.poll() is not None, what="the request to start")
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        wait_until(lambda: (running_in_worker(queue, "long") and worker_line.search(log_file.read_text()))
+                   or process.poll() is not None, what="the request to start and its worker to log")  # fmt: skip
+        assert process.poll() is None, log_file.read_text()[-3000:]
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=120)
+        out, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, err[-3000:]
+    log_text = log_file.read_text()
+    assert process.returncode == 0, log_text[-3000:]
+    assert "\x1b[" not in log_text, [line for line in log_text.splitlines() if "\x1b[" in line]
     assert json.loads(out.strip().splitlines()[-1])["released"] == 1
     assert queue.ids("pending") == ["long"] and queue.record("long")["attempts"][0]["outcome"] == "released"
 

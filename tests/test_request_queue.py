@@ -10,6 +10,7 @@ from conftest import make_tiny_sd3, quick_job, save_targets, sd3_cond
 
 from unlearn_core import InputError
 from unlearn_core.cli import main
+from unlearn_core.serve.provider import run_job
 from unlearn_core.serve.request_queue import LostClaim, RequestQueue
 from unlearn_core.serve.request_worker import AUDIT_FILE, RequestWorker
 
@@ -160,6 +161,8 @@ def test_a_worker_keeps_the_model_loaded_and_gives_the_clis_bytes(workspace):
     assert audit["request"]["id"] == "two" and audit["attempt"]["model_loaded_for_it"] is False
     assert audit["outputs"]["lora.safetensors"] == results["two"]["files"]["lora.safetensors"]
     assert set(audit["base_model"]["files_sha256"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert audit["model_state"]["results_sha256"] == [] and audit["result_state"]["results_sha256"] == [
+        results["two"]["files"]["lora.safetensors"]]  # fmt: skip
 
 
 def test_a_worker_whose_lease_went_elsewhere_stops_training_and_writes_nothing(workspace):
@@ -220,3 +223,40 @@ def test_unlearn_queue_checks_requests_as_run_does_and_status_lists_them(workspa
     assert main(["status", str(root / "q"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pending"][0]["id"] == "good"
     assert main(["status", str(root / "nowhere")]) == 2
+
+
+def test_a_model_lines_requests_are_claimed_in_order_one_at_a_time(tmp_path):
+    queue = RequestQueue(tmp_path / "q")
+    queue.submit({"line": "provider-a"}, "first")
+    queue.submit({"line": "provider-a"}, "second")
+    queue.submit({}, "other")
+    queue.submit({"line": "provider-a"}, "third")
+    claim = queue.claim(WORKER)
+    assert claim.id == "first"
+    assert queue.claim(WORKER).id == "other"  # the line waits; other requests do not
+    assert queue.claim(WORKER) is None
+    queue.complete(claim)
+    second = queue.claim(WORKER)
+    assert second.id == "second" and queue.line_before("second") == ["first"] and queue.claim(WORKER) is None
+    queue.fail(second, "bad targets", retry=False)
+    assert queue.claim(WORKER) is None  # the third has no model to train on
+    failed = {e["id"]: e["error"] for e in queue.status()["failed"]}
+    assert "earlier request 'second' is failed" in failed["third"]
+
+
+def test_a_worker_trains_each_request_of_a_line_on_the_ones_before_it(workspace):
+    root, job = workspace
+    save_targets(root / "later.safetensors", channels=4, cond=sd3_cond(1, seed=6), seed=8)
+    queue = RequestQueue(root / "q")
+    queue.submit({**job, "line": "p"}, "one")
+    queue.submit({**job, "targets": str(root / "later.safetensors"), "line": "p"}, "two")
+    worker = RequestWorker(str(queue.root), threads=2, name="w")
+    while (claim := queue.claim(worker.identity())) is not None:
+        queue.complete(claim, worker.run(claim))
+    assert [e["id"] for e in queue.status()["done"]] == ["one", "two"]
+    one, two = (json.loads((queue.outputs(i) / AUDIT_FILE).read_text()) for i in ("one", "two"))
+    assert one["model_state"]["results_sha256"] == [] and two["earlier_requests"] == ["one"] and two["line"] == "p"
+    assert two["model_state"] == one["result_state"], "the second did not train on the first"
+    assert "lora.merged.safetensors" in two["outputs"] and "lora.merged.safetensors" not in one["outputs"]
+    with pytest.raises(InputError, match="line 'p'.*unlearn queue"):  # a line's job alone says where it runs
+        run_job({**job, "line": "p"}, root)

@@ -84,6 +84,28 @@ def test_a_target_the_base_model_does_not_copy_from_its_noise_cannot_be_verified
     assert check(10).forgotten == [False]  # never reported forgotten, however low the similarity
 
 
+def test_an_earlier_requests_target_is_judged_by_the_marks_it_carries():
+    """Its result is applied, so the model at hand no longer copies it: without the marks its own
+    request measured it could never be verified again; with them it is, and only the new target's
+    probes are regenerated for the baseline."""
+    generator = torch.Generator().manual_seed(4)
+    targets = torch.rand(2, 3, 8, 8, generator=generator)
+    noise = torch.randn(2, 3, 8, 8, generator=generator)
+    model = Drifting(targets)
+    model.drift = 10.0  # target 0 already forgotten by the earlier result; target 1 too, as far as this model goes
+    carried = torch.tensor([[True, True]])
+    check = ForgettingCheck(model, targets, noise, PixelCopyDetector(8), forget_below=0.8, nearby=1, carried=carried)
+    baseline = check.baseline()
+    assert model.calls == [2]  # the new target's two probes only
+    assert check.verifiable == [True, False] and torch.isnan(baseline.similarity[0]).all()
+    assert check(10).forgotten == [True, False]
+    uncarried = ForgettingCheck(model, targets, noise, PixelCopyDetector(8), forget_below=0.8, nearby=1)
+    uncarried.baseline()
+    assert uncarried(10).forgotten == [False, False]
+    with pytest.raises(InputError, match="check_nearby"):
+        ForgettingCheck(model, targets, noise, PixelCopyDetector(8), forget_below=0.8, nearby=2, carried=carried)
+
+
 def test_the_margin_keeps_a_borderline_target_counted_as_produced():
     targets = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..diffusion.denoiser import Conditioning, batch_size
+from ..diffusion.denoiser import Conditioning, batch_size, concat
 from ..errors import InputError
 
 __all__ = ["ForgetTargets", "RememberSet", "UnlearnData"]
@@ -74,6 +74,19 @@ class ForgetTargets:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @classmethod
+    def joined(cls, parts: list[ForgetTargets]) -> ForgetTargets:
+        """One forget set of several, in order (earlier requests' targets, then a new one's); the
+        noise is kept only when every part knows it."""
+        if any(set(p.cond) != set(parts[0].cond) for p in parts):
+            raise InputError("forget sets to join carry different conditioning kinds: "
+                             + " vs ".join(str(sorted(p.cond)) for p in parts))  # fmt: skip
+        if any(p.targets.shape[1:] != parts[0].targets.shape[1:] for p in parts):
+            raise InputError(f"forget sets to join differ in size: {[tuple(p.targets.shape[1:]) for p in parts]}")
+        noise = None if any(p.noise is None for p in parts) else torch.cat([p.noise for p in parts])
+        return cls(torch.cat([p.targets for p in parts]), torch.cat([p.surrogates for p in parts]),
+                   concat([p.cond for p in parts]), noise)  # fmt: skip
 
 
 @dataclass

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from .full_weights import FullWeights, is_full_weights, load_full_weights
 from .lora import LoraWeights, from_kohya, load_lora, to_diffusers
 from .model_folders import COMPONENTS
 
-__all__ = ["load_result", "merge_into", "apply_to_pipeline", "apply_to_folder", "APPLIED_RECORD"]
+__all__ = ["load_result", "in_model_names", "merge_into", "merged", "apply_to_pipeline", "apply_to_folder", "APPLIED_RECORD"]
 
 #: written into every folder apply_to_folder makes: which result, at which scale, on which base
 APPLIED_RECORD = "unlearn_applied.json"
@@ -61,6 +62,51 @@ def _check_scale(scale: float, result) -> float:
     return scale
 
 
+def in_model_names(lora: LoraWeights, model: torch.nn.Module) -> LoraWeights:
+    """``lora`` with the names of ``model``'s own modules (SD3's fused MMDiT names split, kohya
+    names read onto the model's, which make that mapping unambiguous)."""
+    weights = to_diffusers(lora) if lora.namespace == "mmdit" else lora
+    return from_kohya(weights, (name for name, _ in model.named_modules()))
+
+
+def _deltas(model: torch.nn.Module, lora: LoraWeights) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, its change) for every layer of ``lora``, each checked against ``model``."""
+    weights = in_model_names(lora, model)
+    if not weights.layers:
+        raise InputError("the LoRA holds no layers; nothing to merge")
+    planned = []
+    for name, layer in weights.layers.items():
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise InputError(f"LoRA module {name!r} is not in this {type(model).__name__}; apply the LoRA to the model it "
+                             "was trained on") from None  # fmt: skip
+        delta = layer.delta()
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise InputError(f"LoRA module {name!r} changes a {tuple(delta.shape)} weight, but the model's is "
+                             f"{tuple(weight.shape)}; apply the LoRA to the model it was trained on")  # fmt: skip
+        planned.append((weight, delta))
+    return planned
+
+
+@contextlib.contextmanager
+def merged(model: torch.nn.Module, lora: LoraWeights) -> Iterator[torch.nn.Module]:
+    """``model`` with ``lora`` merged into its weights for the block, then every touched weight
+    restored bit for bit (from a copy, not by subtracting), on error too: earlier results applied
+    to a cached base model while a later request trains on top of them."""
+    planned = _deltas(model, lora)
+    originals = [weight.detach().clone() for weight, _ in planned]
+    try:
+        with torch.no_grad():
+            for weight, delta in planned:
+                weight.copy_((weight.double() + delta.to(weight.device)).to(weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for (weight, _), original in zip(planned, originals, strict=True):
+                weight.copy_(original)
+
+
 @torch.no_grad()
 def merge_into(model: torch.nn.Module, result: LoraWeights | FullWeights | str | Path, scale: float = 1.0) -> torch.nn.Module:
     """Merge ``result`` into ``model``'s weights, in place; returns the model.
@@ -82,23 +128,7 @@ def merge_into(model: torch.nn.Module, result: LoraWeights | FullWeights | str |
                                  "model; apply it to the model it was trained from")  # fmt: skip
         model.load_state_dict(result.tensors, strict=True)
         return model
-    weights = to_diffusers(result) if result.namespace == "mmdit" else result
-    weights = from_kohya(weights, (name for name, _ in model.named_modules()))  # kohya names are the model's, dotted
-    if not weights.layers:
-        raise InputError("the LoRA holds no layers; nothing to merge")
-    planned = []
-    for name, layer in weights.layers.items():
-        try:
-            weight = model.get_submodule(name).weight
-        except AttributeError:
-            raise InputError(f"LoRA module {name!r} is not in this {type(model).__name__}; apply the LoRA to the model it "
-                             "was trained on") from None  # fmt: skip
-        delta = layer.delta()
-        if tuple(delta.shape) != tuple(weight.shape):
-            raise InputError(f"LoRA module {name!r} changes a {tuple(delta.shape)} weight, but the model's is "
-                             f"{tuple(weight.shape)}; apply the LoRA to the model it was trained on")  # fmt: skip
-        planned.append((weight, delta))
-    for weight, delta in planned:  # all checked first: a bad LoRA changes nothing
+    for weight, delta in _deltas(model, result):  # all checked first: a bad LoRA changes nothing
         weight.copy_((weight.double() + scale * delta.to(weight.device)).to(weight.dtype))
     return model
 

@@ -101,10 +101,16 @@ class ForgettingCheck:
     ``targets`` (N, ...) are the outputs to forget as the detector sees them (``regenerate``'s
     output space) and ``noise`` (N, ...) the sampler noise each was made from (its input space).
     ``seed`` fixes the nearby probes' fresh noise, so every check asks the same question.
+
+    ``carried`` (E, P) are the base-copy marks of the first E targets when they come from earlier
+    requests (their results already applied, so the model at hand no longer copies them): the
+    marks their own request measured on the model they came from, which decide what counts for
+    them here too. The baseline then regenerates only the other targets.
     """
 
     def __init__(self, regenerate: Regenerate, targets: torch.Tensor, noise: torch.Tensor, detector: CopyDetector,
-                 forget_below: float, margin: float = 0.05, nearby: int = 2, seed: int = 0):  # fmt: skip
+                 forget_below: float, margin: float = 0.05, nearby: int = 2, seed: int = 0,
+                 carried: torch.Tensor | None = None):  # fmt: skip
         if len(noise) != len(targets):
             raise InputError(f"the check has {len(noise)} noises for {len(targets)} targets: give each target's own")
         if not math.isfinite(forget_below):
@@ -123,6 +129,10 @@ class ForgettingCheck:
         self.probes = torch.stack([noise if w == 0 else slerp(noise, fresh[p], w) for p, w in enumerate(self.weights)], dim=1)
         self._target_features = detector.embed(targets.float())
         self.counted: torch.Tensor | None = None
+        if carried is not None and (carried.dim() != 2 or len(carried) > len(targets) or carried.shape[1] != len(self.weights)):
+            raise InputError(f"carried base-copy marks {tuple(carried.shape)} do not fit {len(targets)} targets with "
+                             f"{len(self.weights)} probes each: check earlier targets with the check_nearby they were checked with")  # fmt: skip
+        self.carried = None if carried is None else carried.bool()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -143,11 +153,17 @@ class ForgettingCheck:
         return torch.nn.functional.cosine_similarity(features, self._target_features[index].to(features), dim=1).cpu()
 
     def baseline(self) -> CheckResult:
-        """Every probe on the model before training: which ones the base model copies."""
-        pairs = [(n, p) for n in range(len(self)) for p in range(len(self.weights))]
-        similarity = self._similarity(pairs).reshape(len(self), len(self.weights))
+        """Every probe on the model before training: which ones the base model copies (for
+        carried targets: the marks they bring, their similarity left NaN)."""
+        first = 0 if self.carried is None else len(self.carried)
+        pairs = [(n, p) for n in range(first, len(self)) for p in range(len(self.weights))]
+        similarity = torch.full((len(self), len(self.weights)), float("nan"))
+        if pairs:
+            similarity[first:] = self._similarity(pairs).reshape(len(self) - first, len(self.weights))
         self.counted = similarity >= self.forget_below
-        for n in range(len(self)):
+        if first:
+            self.counted[:first] = self.carried
+        for n in range(first, len(self)):
             if not self.counted[n, 0]:
                 log.warning("target %d: the base model's regeneration from its noise is no copy of it (copy similarity "
                             "%.3f < %g), so forgetting it cannot be verified: its noise is not the one that made it",
@@ -232,6 +248,8 @@ class CheckSettings:
     sampler_steps: int = 20
     clip: float | None = None
     to_images: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the base-copy marks the first targets bring from earlier requests (see :class:`ForgettingCheck`)
+    carried: torch.Tensor | None = None
 
 
 def sampler_check(denoiser, process, forget, settings: CheckSettings, margin: float, nearby: int,
@@ -248,4 +266,4 @@ def sampler_check(denoiser, process, forget, settings: CheckSettings, margin: fl
         return to_images(sample(denoiser, process, noise.to(forget.targets), cond, settings.sampler_steps, clip=settings.clip))
 
     return ForgettingCheck(regenerate, to_images(forget.targets), forget.noise, settings.detector, settings.forget_below,
-                           margin, nearby, seed)  # fmt: skip
+                           margin, nearby, seed, settings.carried)  # fmt: skip

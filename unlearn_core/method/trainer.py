@@ -215,7 +215,8 @@ class _Verification:
             return
         with autocast():
             baseline = check.baseline()
-        self.record["baseline"] = baseline.summary()
+        # the marks, which a later request carries for these targets (ForgettingCheck's ``carried``)
+        self.record["baseline"] = {**baseline.summary(), "counted": baseline.counted.tolist()}
         self.record["verifiable"] = check.verifiable
         self.rule = StopRule(len(check), config.check_confirmations)
         if config.rate_schedule == "raise":

@@ -68,15 +68,21 @@ weight of the fine-tuned model, see :mod:`unlearn_core.formats.full_weights`):
 - ``NAME.report.json``: the result, the sample ranges, and the sha256 of every file; written
   last, so a report means the other files are complete.
 
+With ``"earlier": [...]`` (the results of earlier requests, oldest first) the job continues a
+model line (:mod:`unlearn_core.serve.earlier`): it trains on the base with those results merged,
+keeps their targets in its forget set, writes ``NAME.merged.safetensors`` (the line as one LoRA)
+and records the model state it trained on and the one it makes.
+
 Nothing is written unless training succeeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +96,7 @@ from ..diffusion.noise import seeded_noise
 from ..diffusion.process import ForwardProcess
 from ..diffusion.sampling import DenoiserSampler, invert, sample
 from ..errors import InputError
+from ..formats.apply import in_model_names, merged
 from ..formats.files import (
     atomic_path,
     atomic_write_text,
@@ -97,6 +104,7 @@ from ..formats.files import (
     job_path,
     read_safetensors,
     safe_child,
+    safe_name,
     tensor_hash,
 )
 from ..formats.full_weights import save_full_weights
@@ -107,6 +115,7 @@ from ..formats.lora import (
     reproduction_metadata,
     safetensors_bytes,
     save_lora,
+    sum_of,
 )
 from ..formats.model_folders import LoadedModel, ModelCache, ModelSource, locate
 from ..method.config import UnlearnConfig
@@ -118,18 +127,21 @@ from ..verify.metrics import (
     copy_similarity,
 )
 from ..verify.previews import save_training_preview
+from .earlier import REPORT_SUFFIX, TRAINING_SUFFIX, Earlier, model_state, read_earlier
 
-__all__ = ["run_job", "plan_job", "JobPlan", "OUTPUT_SUFFIXES"]
+__all__ = ["run_job", "plan_job", "output_file", "JobPlan", "OUTPUT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
-KNOWN_KEYS = {"model", "targets", "surrogate", "remember", "config", "output", "key_format", "seeds", "check"}
+KNOWN_KEYS = {"model", "targets", "surrogate", "remember", "config", "output", "key_format", "seeds", "check", "earlier", "line"}
+DEFAULT_OUTPUT = "unlearn_lora.safetensors"
 SURROGATE_KEYS = {"method", "strength", "steps", "seed"}
 REMEMBER_KEYS = {"generate", "steps"}
 CHECK_KEYS = {"detector", "forget_below", "steps"}
 #: the copy-similarity threshold of each detector when the job gives none
 FORGET_BELOW = {"pixel": 0.6, "sscd": 0.4}
 #: the files a job writes beside its output, by role
-OUTPUT_SUFFIXES = {"training": ".training.safetensors", "preview": ".preview.png", "report": ".report.json"}
+OUTPUT_SUFFIXES = {"training": TRAINING_SUFFIX, "preview": ".preview.png", "report": REPORT_SUFFIX,
+                   "merged": ".merged.safetensors"}  # fmt: skip
 
 
 def _section(value, what: str, known: set[str] | None = None) -> dict:
@@ -167,10 +179,16 @@ class JobPlan:
     remember: dict  # generate, steps
     check: dict  # detector ("pixel" or a TorchScript path), forget_below, steps
     seeds: list[int] | None = None  # each target's sampler seed, when the job gives them
+    earlier: list[Path] = field(default_factory=list)  # earlier results of the model line, oldest first
 
     def sibling(self, role: str) -> Path:
         """The path of one of the files written beside the output (see OUTPUT_SUFFIXES)."""
         return self.output.with_name(self.output.name.removesuffix(".safetensors") + OUTPUT_SUFFIXES[role])
+
+
+def output_file(job: dict, out_dir: Path) -> Path:
+    """Where a job writes its result (its ``output`` inside ``out_dir``)."""
+    return safe_child(out_dir, job.get("output", DEFAULT_OUTPUT), ".safetensors", what="output name")
 
 
 def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
@@ -186,7 +204,7 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
     if config.adapter == "full" and "key_format" in job:
         raise InputError("key_format names LoRA key layouts, but adapter 'full' writes every weight under the model's own "
                          "diffusers names: remove key_format from the job")  # fmt: skip
-    output = safe_child(out_dir or base_dir, job.get("output", "unlearn_lora.safetensors"), ".safetensors", what="output name")
+    output = output_file(job, out_dir or base_dir)
     surrogate_spec = _section(job.get("surrogate", {"method": "sdedit"}), "surrogate", SURROGATE_KEYS)
     remember_spec = _section(job.get("remember", {"generate": 32}), "remember", REMEMBER_KEYS)
     surrogate = {
@@ -215,12 +233,23 @@ def plan_job(job: dict, base_dir: Path, out_dir: Path | None = None) -> JobPlan:
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in seeds)):  # fmt: skip
         raise InputError(f"seeds={seeds!r} must be a list of whole numbers in [0, 2^63), one per target")
+    if "line" in job:
+        safe_name(job["line"] if isinstance(job["line"], str) else "", "line name")
+        if "earlier" in job:
+            raise InputError("a request of a model line gets its earlier results from the queue: give 'line' or "
+                             "'earlier', not both")  # fmt: skip
+    earlier = job.get("earlier", [])
+    if not isinstance(earlier, list) or not all(isinstance(v, str) and v for v in earlier):
+        raise InputError(f"earlier={earlier!r} must be a list of the result files of earlier requests, oldest first")
+    if earlier and config.adapter == "full":
+        raise InputError("a request continues from earlier results by training a LoRA on top of them: use adapter 'lora'")
+    earlier = [job_path(base_dir, value, f"earlier[{index}]") for index, value in enumerate(earlier)]
     targets_path = job_path(base_dir, job.get("targets"), "targets")
     source = locate(job.get("model", {}), base_dir)
     key_format = key_format or default_key_format(source.kind)
     if config.adapter != "full":
         check_key_format(source.kind, key_format)  # before any work, not after training
-    return JobPlan(job, config, key_format, output, source, targets_path, surrogate, remember, check, seeds)
+    return JobPlan(job, config, key_format, output, source, targets_path, surrogate, remember, check, seeds, earlier)
 
 
 def _read_targets(plan: JobPlan) -> dict[str, torch.Tensor]:
@@ -360,6 +389,16 @@ def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
     return data, ranges, targets_record, detector
 
 
+def _with_earlier(data: UnlearnData, earlier: Earlier) -> UnlearnData:
+    """Every earlier target first, then the new ones: the forget set keeps them all forgotten."""
+    new = data.forget
+    old = earlier.forget_targets(new.targets.device, set(new.cond), tuple(new.targets.shape[1:]))
+    if (old.noise is None) != (new.noise is None):
+        raise InputError(f"the training file of {earlier.paths[-1].name} holds no noise: its targets cannot be "
+                         "regenerated; it is not one a job wrote")  # fmt: skip
+    return UnlearnData(ForgetTargets.joined([old, new]), data.remember)
+
+
 def _write_training_file(path: Path, data: UnlearnData, metadata: dict[str, str]) -> None:
     """The training data in the targets-file format (sorted keys: the same data gives the same bytes)."""
     tensors = {"targets": data.forget.targets, "surrogates": data.forget.surrogates, "remember": data.remember.samples}
@@ -388,14 +427,28 @@ def run_job(
     pass their request's output folder and a :class:`ModelCache` that keeps the model loaded.
     """
     plan = plan_job(job, Path(base_dir), None if out_dir is None else Path(out_dir))
+    if "line" in job:  # the queue turns a line into the earlier results it names
+        raise InputError(f"this job belongs to model line {job['line']!r}, whose earlier results the request queue knows: "
+                         "submit it with `unlearn queue`, or give its earlier results as 'earlier' to run it alone")  # fmt: skip
     tensors = _read_targets(plan)
+    earlier = read_earlier(plan.earlier, plan.source.kind) if plan.earlier else None
+    carried = earlier.carried_marks(plan.config.check_nearby) if earlier and plan.config.stop_when_forgotten else None
     loaded, loaded_now = (models or ModelCache()).get(plan.source)
+    earlier_sha256 = earlier.sha256 if earlier else []
+    if earlier:
+        earlier.check_chain(loaded.fingerprint)
     latent_size = tuple(tensors["targets"].shape[-2:])  # a resolution-dependent flow shift is the targets' one
     process = loaded.source.process(next(loaded.model.parameters()).device, latent_size)
-    data, ranges, targets_record, detector = _training_data(loaded, process, plan, tensors)
-    check = CheckSettings(detector, plan.check["forget_below"], plan.check["steps"], loaded.source.clip)
-    outcome = unlearn_diffusers(loaded.model, process, data, plan.config, callback=callback, should_stop=should_stop,
-                                check=check)  # fmt: skip
+    applied = [in_model_names(lora, loaded.model) for lora in earlier.loras] if earlier else []
+    # the model as it is served: every earlier result merged for this job, the cached weights restored after
+    with merged(loaded.model, sum_of(applied)) if applied else contextlib.nullcontext():
+        data, ranges, targets_record, detector = _training_data(loaded, process, plan, tensors)
+        if earlier:
+            data = _with_earlier(data, earlier)
+            targets_record = [{"earlier": plan.earlier[-1].name}] * earlier.targets + targets_record
+        check = CheckSettings(detector, plan.check["forget_below"], plan.check["steps"], loaded.source.clip, carried=carried)
+        outcome = unlearn_diffusers(loaded.model, process, data, plan.config, callback=callback, should_stop=should_stop,
+                                    check=check)  # fmt: skip
 
     given_remember = "remember" in tensors
     remember_source = {"given": tensor_hash(data.remember.samples.cpu())} if given_remember else dict(plan.remember)
@@ -406,6 +459,8 @@ def run_job(
     )  # fmt: skip
     if loaded.source.clip is not None:
         metadata["unlearn.sample_clip"] = json.dumps(loaded.source.clip)
+    trained_on = model_state(loaded.fingerprint, earlier_sha256)
+    metadata["unlearn.model_state"] = trained_on["sha256"]
 
     training, preview, report = plan.sibling("training"), plan.sibling("preview"), plan.sibling("report")
     _write_training_file(training, data, {"unlearn.surrogate": json.dumps(surrogate_source, sort_keys=True),
@@ -415,6 +470,12 @@ def run_job(
         weights = save_full_weights(plan.output, outcome.finetuned.to("cpu"), metadata)
     else:
         weights = save_lora(plan.output, outcome.lora, plan.key_format, metadata)
+    result_state = model_state(loaded.fingerprint, [*earlier_sha256, file_sha256(weights)])
+    written = [weights, training, preview]
+    if earlier:  # one file for the whole line: the exact sum of every result so far
+        merged_metadata = {**metadata, "unlearn.model_state": result_state["sha256"],
+                           "unlearn.merged_of": json.dumps([*(p.name for p in plan.earlier), weights.name])}  # fmt: skip
+        written.append(save_lora(plan.sibling("merged"), sum_of([*applied, outcome.lora]), plan.key_format, merged_metadata))
     final = outcome.training.final
     result = {
         "lora": str(weights),
@@ -430,7 +491,10 @@ def run_job(
         "targets": targets_record,
         "check": {**plan.check, "measure": f"copy similarity ({detector.name}) of a regeneration to its target"},
         "verification": outcome.training.verification,
-        "files": {path.name: file_sha256(path) for path in (weights, training, preview)},
+        "files": {path.name: file_sha256(path) for path in written},
+        "model_state": trained_on,
+        "result_state": result_state,
+        "earlier": [{"file": path.name, "sha256": digest} for path, digest in zip(plan.earlier, earlier_sha256, strict=True)],
     }
     base_model = {**loaded.source.describe(latent_size), "files_sha256": loaded.fingerprint}
     atomic_write_text(report, json.dumps({**result, "report": report.name, "base_model": base_model}, indent=2, sort_keys=True))

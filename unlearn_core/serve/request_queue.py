@@ -10,6 +10,7 @@ Layout (one folder, on a file system every worker can reach)::
       failed/<id>.json     given up; records/<id>.json says why
       records/<id>.json    the request's record: submission, every attempt, the outcome
       outputs/<id>/        LoRA, report, training data, preview and audit.json, published in one rename
+      lines/<name>.json    a model line's requests in submission order (requests whose job names "line")
 
 The state of a request is the folder its file is in. Every transition moves the file with one
 ``os.replace`` while holding the queue's lock (``fcntl.flock`` on ``queue/.lock``), checks first
@@ -23,6 +24,12 @@ rewrites the record atomically. So a request is claimed by one worker at a time 
   expired lease as a failed attempt;
 - a graceful shutdown hands back (:meth:`release`) what it cannot finish: back to pending/,
   not counted.
+
+**A model line** (a job's ``"line": "<name>"``): a provider's requests that each train on the model
+with every earlier request of the line applied (:mod:`unlearn_core.serve.earlier`). They are
+claimed in submission order, one at a time: a request waits in pending/ until every earlier one of
+its line is done (other requests are claimed meanwhile), and fails with the reason if an earlier
+one failed. The worker names the earlier requests' results as the job's ``earlier``.
 
 A request is a file: drop a job file into pending/ by hand, or :meth:`submit` it (``unlearn
 queue``). Names must be safe file names (:func:`unlearn_core.formats.files.safe_name`); a file whose
@@ -51,7 +58,7 @@ __all__ = ["RequestQueue", "Claim", "LostClaim", "STATES"]
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "running", "done", "failed")
-FOLDERS = (*STATES, "leases", "records", "outputs")
+FOLDERS = (*STATES, "leases", "records", "outputs", "lines")
 #: attempt outcomes that count towards max_attempts (a released attempt does not)
 FAILED_OUTCOMES = ("crashed", "error")
 
@@ -112,6 +119,20 @@ class RequestQueue:
 
     def _record_path(self, request_id: str) -> Path:
         return self.root / "records" / f"{request_id}.json"
+
+    def _line_path(self, line: str) -> Path:
+        return self.root / "lines" / f"{safe_name(line, 'line name')}.json"
+
+    def line_before(self, request_id: str) -> list[str]:
+        """The requests submitted to ``request_id``'s model line before it, oldest first ([] outside a line)."""
+        line = self.record(request_id).get("line")
+        if line is None:
+            return []
+        members = json.loads(self._line_path(line).read_text("utf-8"))
+        return members[: members.index(request_id)]
+
+    def state(self, request_id: str) -> str | None:
+        return next((state for state in STATES if self.path(state, request_id).exists()), None)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -188,14 +209,31 @@ class RequestQueue:
             raise InputError(f"request {request_id!r} is not readable JSON ({error}); fix the file") from None
         if not isinstance(parsed, dict):
             raise InputError(f"request {request_id!r} must hold one JSON object (a job: model, targets, config, output)")
+        line = parsed.get("line")
+        if line is not None and not isinstance(line, str):
+            raise InputError(f"request {request_id!r}: line={line!r} must be the model line's name")
         with self._locked():
             for state in STATES:
                 if self.path(state, request_id).exists():
                     raise InputError(f"a request named {request_id!r} is already {state}; give the new one another name")
-            self._write_record(request_id, {"id": request_id, "submitted_at": self.clock(), "state": "pending",
-                                            "request_sha256": hashlib.sha256(data).hexdigest(), "attempts": []})  # fmt: skip
+            record = {"id": request_id, "submitted_at": self.clock(), "state": "pending",
+                      "request_sha256": hashlib.sha256(data).hexdigest(), "attempts": []}  # fmt: skip
+            if line is not None:  # its place in the line is fixed now, in submission order
+                path = self._line_path(line)
+                members = json.loads(path.read_text("utf-8")) if path.exists() else []
+                atomic_write_text(path, json.dumps([*members, request_id]))
+                record["line"] = line
+            self._write_record(request_id, record)
             atomic_write_bytes(self.path("pending", request_id), data)
         return request_id
+
+    def _line_blocker(self, request_id: str) -> tuple[str, str] | None:
+        """The first earlier request of its line that is not done, with its state (lock held)."""
+        for earlier in self.line_before(request_id):
+            state = self.state(earlier)
+            if state != "done":
+                return earlier, state or "missing"
+        return None
 
     def claim(self, worker: dict) -> Claim | None:
         """Take the oldest pending request for ``worker`` (host, pid, ...), or None if none waits."""
@@ -209,6 +247,16 @@ class RequestQueue:
                     record = self.record(request_id)
                     self._write_record(request_id, {**record, "id": request_id, "state": "failed", "error": str(error)})
                     log.error("request file %s refused: %s", source.name, error)
+                    continue
+                blocker = self._line_blocker(request_id)
+                if blocker is not None and blocker[1] in ("failed", "missing"):  # the line cannot go on from there
+                    error = (f"model line {self.record(request_id)['line']!r}: the earlier request {blocker[0]!r} is "
+                             f"{blocker[1]}, so this one has no model to train on; resubmit the line from there")  # fmt: skip
+                    self._move(source, "failed", request_id)
+                    self._write_record(request_id, {**self.record(request_id), "state": "failed", "error": error})
+                    log.error("request %s refused: %s", request_id, error)
+                    continue
+                if blocker is not None:  # waits for the earlier requests of its line
                     continue
                 record = self.record(request_id)
                 attempts = list(record.get("attempts", []))

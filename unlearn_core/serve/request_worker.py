@@ -31,7 +31,7 @@ from ..errors import InputError, UnlearnError
 from ..formats.files import atomic_write_text, file_sha256
 from ..formats.model_folders import ModelCache
 from ..runtime import configure_torch
-from .provider import run_job
+from .provider import output_file, run_job
 from .request_queue import Claim, RequestQueue
 
 __all__ = ["RequestWorker", "AUDIT_FILE"]
@@ -94,6 +94,7 @@ class RequestWorker:
         started = time.time()
         try:
             job, data = _read_request(self.queue.path("running", claim.id))
+            job = self._on_its_line(claim.id, job)
             staging.mkdir(parents=True, exist_ok=False)
             # a request whose lease went to another worker stops training at the next check
             result = run_job(job, base_dir=self.queue.root, out_dir=staging, models=self.models,
@@ -112,6 +113,18 @@ class RequestWorker:
         return {"status": "done", "outputs": str(outputs), "files": files, "model_loaded": result["model_loaded"],
                 "worker": self.identity(), "seconds": time.time() - started}  # fmt: skip
 
+    def _on_its_line(self, request_id: str, job: dict) -> dict:
+        """A request of a model line as a job: the line's earlier results named as ``earlier``."""
+        if "line" not in job:
+            return job
+        earlier = []
+        for earlier_id in self.queue.line_before(request_id):
+            earlier_job, _ = _read_request(self.queue.path("done", earlier_id))
+            result = output_file(earlier_job, self.queue.outputs(earlier_id))
+            earlier.append(result.relative_to(self.queue.root).as_posix())
+        job = {key: value for key, value in job.items() if key != "line"}
+        return {**job, "earlier": earlier} if earlier else job
+
     def _audit(self, claim: Claim, request: bytes, result: dict, started: float, staging: Path) -> dict:
         """What was asked, what ran where, on which inputs, and what came out (hashes of every file)."""
         record = self.queue.record(claim.id)
@@ -126,6 +139,11 @@ class RequestWorker:
                         "model_loaded_for_it": result["model_loaded"], "model_loads_by_worker": self.models.loads},  # fmt: skip
             "previous_attempts": [a for a in record.get("attempts", []) if a.get("attempt") != claim.attempt],
             "base_model": report["base_model"],
+            # the model line: what it trained on (base + earlier results) and what serving it with this result is
+            "model_state": report["model_state"],
+            "result_state": report["result_state"],
+            "line": record.get("line"),
+            "earlier_requests": self.queue.line_before(claim.id),
             "targets_sha256": report["targets_sha256"],
             "training": {key: result[key] for key in ("adapter", "key_format", "steps", "seconds", "final_forget_loss",
                                                       "final_remember_loss", "samples")},  # fmt: skip
