@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := .ci/constraints.txt
 OUT ?= out/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the cases marked slow (a minute or more each on 2 cores), apart from the default suite
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) out

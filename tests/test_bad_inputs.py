@@ -239,14 +239,16 @@ def test_core_api_refuses_bad_input_and_writes_nothing(case, workspace):
     assert_bit_identical(workspace.model, weights)
 
 
-def test_surrogate_identical_to_its_target_warns_that_there_is_nothing_to_learn(workspace, caplog):
+def test_surrogate_identical_to_its_target_warns_once_that_there_is_nothing_to_learn(workspace, caplog):
     data = make_data(4, 8, sd3_cond)
     weights = snapshot(workspace.model)
-    identical = UnlearnData(ForgetTargets(data.forget.targets, data.forget.targets.clone(), data.forget.cond), data.remember)
+    surrogate = build_surrogate("edited_image", data.forget.targets, edited=data.forget.targets.clone())  # built, then trained
+    identical = UnlearnData(ForgetTargets(data.forget.targets, surrogate, data.forget.cond), data.remember)
     with caplog.at_level(logging.WARNING, logger="unlearn_core"):
         workspace.train(identical)  # a warning, not an error: the run still works
     warning = caplog.text
     assert "identical to its target: nothing to learn" in warning and "raise the surrogate strength" in warning
+    assert warning.count("identical to its target") == 1, "warned more than once"
     assert_bit_identical(workspace.model, weights)
 
 

@@ -369,3 +369,19 @@ def test_the_family_table_reads_each_familys_outcome_from_the_test_run(tmp_path)
     assert "| Flux.1 dev | Flux (FLUX) | Load Diffusion Model | 6 / 6 | passed |" in text
     assert "| Z-Image / Lumina 2 | - | Load Diffusion Model | - | skipped: this ComfyUI has no z_image network to build |" in text
     assert "| SD3 / SD3.5 | - | Load Checkpoint | - | failed |" in text and "| SDXL | - | Load Checkpoint | - | not run |" in text
+
+
+@pytest.mark.slow
+def test_the_sequential_benchmark_runs_one_request_each_way(tmp_path, capsys):
+    """The three ways and the relearning probe on one flags request (records in a temporary folder)."""
+    load_benchmark("effectiveness")  # sequential imports it, as it does beside it in benchmarks/
+    sequential = load_benchmark("sequential")
+    out = tmp_path / "sequential.json"
+    assert sequential.main(["--requests", "1", "--relearn-steps", "1", "--threads", "2", "--records", str(tmp_path),
+                            "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [len(result["judged"][way]) for way in ("line", "stack", "joint")] == [1, 1, 1]
+    line, stack = result["judged"]["line"][0], result["judged"]["stack"][0]
+    assert line["ssim"] == stack["ssim"]  # one request: the line is the request alone
+    assert set(result["relearn"]) == {"line", "stack", "joint"} and all(r["steps"] == 1 for r in result["relearn"].values())
+    assert "| 1 | 1/1 |" in capsys.readouterr().out or not line["all_forgotten"]

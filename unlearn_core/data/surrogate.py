@@ -71,9 +71,7 @@ def build_surrogate(
         raise InputError(f"the surrogate {tuple(surrogate.shape)} differs in size from its target {tuple(target.shape)}")
     if not torch.isfinite(surrogate).all():
         raise InputError("the surrogate holds NaN/inf values; check the edited image, or lower cfg / use float32 weights")
-    if torch.equal(surrogate, target):
-        log.warning("the surrogate is identical to its target: nothing to learn; raise the strength")
-    return surrogate
+    return surrogate  # one identical to its target is warned about where training reads it (trainer)
 
 
 def flipped(target: torch.Tensor) -> torch.Tensor:

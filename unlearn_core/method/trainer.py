@@ -135,10 +135,13 @@ def _joinable(first: HalfBatch, second: HalfBatch) -> bool:
 
 @dataclass
 class _Gradients:
-    forget_loss: torch.Tensor
+    """Each half's weighted loss (what the gradient is taken of), its native error (the eps / v MSE
+    the history reports as ``forget_loss`` / ``remember_loss``) and its flat gradient."""
+
+    forget_weighted: torch.Tensor
     forget_error: float
     forget: torch.Tensor
-    remember_loss: torch.Tensor
+    remember_weighted: torch.Tensor
     remember_error: float
     remember: torch.Tensor
 
@@ -336,11 +339,11 @@ def train_unlearning(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            metrics = {
+            metrics = {  # the losses as native (eps / v) errors, comparable between methods and weightings
                 "step": step,
                 "forget_loss": grads.forget_error,
                 "remember_loss": grads.remember_error,
-                "objective": float(grads.forget_loss.detach()) + float(grads.remember_loss.detach()),
+                "objective": float(grads.forget_weighted.detach()) + float(grads.remember_weighted.detach()),
                 "grad_norm": norm,
                 "learning_rate": optimizer.param_groups[0]["lr"],
                 **stats,

@@ -1,0 +1,338 @@
+"""Ten requests one after another on one model line, against stacking independent results and one
+joint run: are all targets so far forgotten, how far have the other outputs moved from the
+original base, and does a little ordinary fine-tuning bring a forgotten target back?
+
+Every way unlearns the same targets, the base model's outputs for the model's first ten table
+candidates (``effectiveness`` keeps them: flags are wrong flags of three prompts, so several
+requests come from one prompt), in that order, with the library's defaults (verified stopping on,
+the table's copy detector and threshold). Three ways:
+
+- **line** (what ``earlier`` in a job does, :mod:`unlearn_core.serve.earlier`): request k trains on
+  the base with results 1..k-1 merged, its surrogate and remember set made by that served model,
+  every earlier target kept in the forget set; every target is judged with the base-copy marks of
+  the base model (an earlier result can change what the served model makes from a later target's
+  noise: two of the ten share seed 778, and the question stays whether the base output is gone);
+- **stack**: each request trained alone on the base, and the first k results summed
+  (:func:`~unlearn_core.formats.lora.sum_of`, the same as loading them all at strength 1);
+- **joint**: one run over all ten targets on the base (each target's remember set joined).
+
+After each request (joint: after the tenth) the state is judged: each target so far regenerated
+from its own noise and from nearby noises (slerp 0.05, 0.1, 0.2 towards fixed fresh noise) and
+called forgotten when every regeneration is below the copy threshold; SSIM / PSNR of 64 held-out
+seeds against the original base. The relearning probe: on each final state, a fresh LoRA trained
+``--relearn-steps`` steps of ordinary denoising (the default learning rate, batch 8) on 48 other
+outputs of that state; then every target regenerated from its own noise again (came back: it was
+forgotten before, and its copy similarity is at or above the threshold again).
+
+Every finished unit is one JSON line in ``benchmarks/results/sequential/<model>.jsonl`` (LoRAs
+kept in ``.../loras/``, not committed); a rerun skips them. The report is
+``benchmarks/results/sequential.json``.
+
+    python benchmarks/sequential.py --threads 1          # flags: about half an hour on 2 cores
+    python benchmarks/sequential.py --report             # the table from the records
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from effectiveness import (
+    FORGET_THRESHOLD,
+    RESULTS,
+    SETUPS,
+    Bench,
+    make_surrogate,
+    similarity_to,
+    write_json,
+)
+
+from unlearn_core import (
+    ForgetTargets,
+    RememberSet,
+    UnlearnConfig,
+    UnlearnData,
+    load_lora,
+    save_lora,
+)
+from unlearn_core.backends.diffusers_backend import (
+    DiffusersDenoiser,
+    lora_attached,
+    unlearn_diffusers,
+)
+from unlearn_core.diffusion.noise import seeded_noise, slerp
+from unlearn_core.diffusion.sampling import sample
+from unlearn_core.formats.apply import merged
+from unlearn_core.formats.lora import sum_of
+from unlearn_core.method.objectives import denoising_loss
+from unlearn_core.method.stopping import sampler_check
+from unlearn_core.verify.metrics import load_lpips
+from unlearn_core.verify.preserve import evaluate
+
+log = logging.getLogger("sequential")
+RECORDS = RESULTS / "sequential"
+REQUESTS = 10
+SLERPS = (0.05, 0.1, 0.2)
+RELEARN_OTHERS = 48
+
+
+class Line:
+    """One model's runs: records by key, LoRAs on disk, the data each request was made of."""
+
+    def __init__(self, setup, config: UnlearnConfig, lpips_model, records: Path = RECORDS):
+        self.setup, self.config, self.lpips_model = setup, config, lpips_model
+        self.threshold = FORGET_THRESHOLD[setup.name]
+        self.path = records / f"{setup.name}.jsonl"
+        self.loras = records / "loras" / setup.name
+        self.records = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.records[record["key"]] = record
+        self.bench = Bench(setup, RESULTS / "effectiveness", config, setup.steps_sample, lpips_model, verified=True)
+        seeds = RESULTS / "effectiveness" / f"{setup.name}_surrogate_seeds.json"
+        if seeds.is_file():  # the surrogate seeds effectiveness chose
+            self.bench.edit_seeds = json.loads(seeds.read_text())
+
+    def base_outputs(self, targets) -> None:
+        """The base model's targets, held-out seeds and their outputs, made before any state is merged."""
+        for pair in targets:
+            self.bench._data(tuple(pair), self.setup.steps_sample)
+
+    def keep(self, record: dict, lora=None) -> dict:
+        if lora is not None:
+            self.loras.mkdir(parents=True, exist_ok=True)
+            save_lora(self.loras / f"{record['key']}.safetensors", lora, "diffusers", {})
+        self.records[record["key"]] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:  # one line per finished unit: a stop loses at most the one in flight
+            handle.write(json.dumps(record) + "\n")
+        log.info("%s %s: %s", self.setup.name, record["key"], {k: v for k, v in record.items() if k != "key" and not isinstance(v, list)})
+        return record
+
+    def lora(self, key: str):
+        return load_lora(self.loras / f"{key}.safetensors")
+
+    def request_data(self, pair) -> tuple[ForgetTargets, RememberSet]:
+        """A request: the target (the base model's output for the pair, the same in every way),
+        and its surrogate and remember set (other seeds of its prompt and of the other prompts) as
+        the model at hand makes them."""
+        label, seed = pair
+        target = self.bench._data(tuple(pair), self.setup.steps_sample)["target"]
+        surrogate = make_surrogate(self.setup, "edit", target, label, self.bench.edit_seed(tuple(pair)))
+        remember_pairs = self.setup.remember_pairs(label)
+        remember = self.setup.generate(remember_pairs)
+        forget = ForgetTargets(target, surrogate, self.setup.cond([label]), seeded_noise([seed], tuple(target.shape[1:])))
+        return forget, RememberSet(remember, self.setup.cond([p[0] for p in remember_pairs]))
+
+    def base_marks(self, targets) -> torch.Tensor:
+        """Which probes of each target the base model copies (the forgetting check's baseline on the
+        base). A line request carries them for every target: an earlier result may already have
+        changed what the served model makes from a later target's noise (two targets of one seed),
+        and the question stays whether the base model's output is gone."""
+        key = "base_marks_" + "_".join(f"{label}-{seed}" for label, seed in targets)
+        if key not in self.records:
+            forget = ForgetTargets.joined([self.request_data(pair)[0] for pair in targets])
+            settings = self.bench.check_settings(self.setup.steps_sample)
+            check = sampler_check(DiffusersDenoiser(self.setup.model, self.setup.process), self.setup.process, forget,
+                                  settings, self.config.check_margin, self.config.check_nearby, self.config.seed)  # fmt: skip
+            self.keep({"key": key, "counted": check.baseline().counted.tolist()})
+        return torch.tensor(self.records[key]["counted"], dtype=torch.bool)
+
+    def train(self, key: str, forget: ForgetTargets, remember: RememberSet, carried=None) -> dict:
+        started = time.perf_counter()
+        check = dataclasses.replace(self.bench.check_settings(self.setup.steps_sample), carried=carried)
+        outcome = unlearn_diffusers(self.setup.model, self.setup.process, UnlearnData(forget, remember), self.config, check=check)
+        verification = outcome.training.verification
+        record = {"key": key, "steps": outcome.training.steps, "seconds": time.perf_counter() - started,
+                  "forgotten_at": verification.get("forgotten_at"), "status": verification.get("status"),
+                  "counted": verification.get("baseline", {}).get("counted")}  # fmt: skip
+        return self.keep(record, outcome.lora)
+
+    def line(self, targets) -> None:
+        """Request k on the base with results 1..k-1 merged, every earlier target kept."""
+        if all(f"line_{k}" in self.records for k in range(1, len(targets) + 1)):
+            return  # recorded (the LoRAs themselves are not committed)
+        marks = self.base_marks(targets)
+        earlier: list[ForgetTargets] = []
+        for k, pair in enumerate(targets, start=1):
+            key = f"line_{k}"
+            applied = [self.lora(f"line_{i}") for i in range(1, k)]
+            with merged(self.setup.model, sum_of(applied)) if applied else contextlib.nullcontext():
+                forget, remember = self.request_data(pair)
+                if key not in self.records:
+                    self.train(key, ForgetTargets.joined([*earlier, forget]), remember, marks[:k])
+            earlier.append(forget)
+
+    def alone(self, targets) -> None:
+        for k, pair in enumerate(targets, start=1):
+            if f"alone_{k}" not in self.records:
+                forget, remember = self.request_data(pair)
+                self.train(f"alone_{k}", forget, remember)
+
+    def joint(self, targets) -> None:
+        if f"joint_{len(targets)}" in self.records:
+            return
+        parts = [self.request_data(pair) for pair in targets]
+        remember = RememberSet(torch.cat([r.samples for _, r in parts]),
+                               {k: torch.cat([r.cond[k] for _, r in parts]) for k in parts[0][1].cond})  # fmt: skip
+        self.train(f"joint_{len(targets)}", ForgetTargets.joined([f for f, _ in parts]), remember)
+
+    def judge(self, key: str, loras: list, targets, label: str) -> dict:
+        """Every target so far from its own and nearby noises, and 64 held-out seeds, on one state."""
+        if key in self.records:
+            return self.records[key]
+        started = time.perf_counter()
+        state = sum_of(loras)
+        images = {}
+        with merged(self.setup.model, state):
+            denoiser = DiffusersDenoiser(self.setup.model, self.setup.process)
+            similarity = []
+            for pair in targets:
+                label_index, seed = pair
+                target = self.bench._data(tuple(pair), self.setup.steps_sample)["target"]  # the base model's output
+                shape = tuple(target.shape[1:])
+                own, fresh = seeded_noise([seed], shape), seeded_noise([seed + 7_919_000], shape)
+                probes = [own, *(slerp(own, fresh, w) for w in SLERPS)]
+                scores = []
+                for noise in probes:
+                    out = sample(denoiser, self.setup.process, noise, self.setup.cond([label_index]), self.setup.steps_sample,
+                                 clip=self.setup.clip).clamp(-1, 1)  # fmt: skip
+                    scores.append(similarity_to(self.setup, out, target))
+                similarity.append(scores)
+            entry = self.bench._data(tuple(targets[0]), self.setup.steps_sample)
+            images["after_others"] = self.setup.generate(entry["integrity"])
+        evaluation = evaluate(entry["base_others"][:1], entry["base_others"][:1], entry["base_others"], images["after_others"],
+                              self.setup.detector, self.threshold, self.lpips_model)  # fmt: skip
+        forgotten = [all(s < self.threshold for s in scores) for scores in similarity]
+        record = {"key": key, "way": label, "requests": len(targets), "forgotten": forgotten,
+                  "all_forgotten": all(forgotten), "own_similarity": [round(s[0], 4) for s in similarity],
+                  "worst_similarity": [round(max(s), 4) for s in similarity], "ssim": evaluation.integrity_ssim,
+                  "psnr": evaluation.integrity_psnr, "seconds": time.perf_counter() - started}  # fmt: skip
+        return self.keep(record)
+
+    def relearn(self, key: str, loras: list, targets, steps: int) -> dict:
+        """Ordinary fine-tuning of a fresh LoRA on other outputs of the state; which targets come back."""
+        if key in self.records:
+            return self.records[key]
+        others = [(s % len(self.setup.classes), 90_000 + s) for s in range(RELEARN_OTHERS)]
+        generator = torch.Generator().manual_seed(0)
+        with merged(self.setup.model, sum_of(loras)):
+            data = self.setup.generate(others)
+            cond = self.setup.cond([p[0] for p in others])
+            with lora_attached(self.setup.model, self.config.lora_rank, seed=0) as lora:
+                denoiser = lora.denoiser(self.setup.process, split=False)
+                optimizer = torch.optim.AdamW(denoiser.trainable_parameters(), lr=self.config.learning_rate)
+                for _ in range(steps):
+                    index = torch.randint(len(data), (8,), generator=generator)
+                    t = self.setup.process.sample_t(8, generator)
+                    noise = torch.randn(data[index].shape, generator=generator)
+                    batch_cond = {k: v[index] for k, v in cond.items()}
+                    loss = denoising_loss(denoiser, self.setup.process, data[index], data[index], batch_cond, noise, t).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                weights = lora.weights()
+            with lora_attached(self.setup.model, weights=weights):
+                denoiser = DiffusersDenoiser(self.setup.model, self.setup.process)
+                similarity = []
+                for pair in targets:
+                    target = self.bench._data(tuple(pair), self.setup.steps_sample)["target"]
+                    out = sample(denoiser, self.setup.process, seeded_noise([pair[1]], tuple(target.shape[1:])),
+                                 self.setup.cond([pair[0]]), self.setup.steps_sample, clip=self.setup.clip).clamp(-1, 1)  # fmt: skip
+                    similarity.append(similarity_to(self.setup, out, target))
+        return self.keep({"key": key, "steps": steps, "similarity": [round(s, 4) for s in similarity]})
+
+
+def report(line: Line, targets, relearn_steps: int) -> dict:
+    rows = {}
+    for way in ("line", "stack"):
+        rows[way] = [line.records.get(f"judge_{way}_{k}") for k in range(1, len(targets) + 1)]
+    rows["joint"] = [line.records.get(f"judge_joint_{len(targets)}")]
+    training = {way: [line.records.get(f"{way}_{k}") for k in range(1, len(targets) + 1)] for way in ("line", "alone")}
+    training["joint"] = [line.records.get(f"joint_{len(targets)}")]
+    relearn = {}
+    for way in ("line", "stack", "joint"):
+        record, judged = line.records.get(f"relearn_{way}_{len(targets)}_{relearn_steps}"), rows[way][-1]
+        if record is None or judged is None:
+            continue
+        # came back: forgotten (robustly) before the fine-tuning, copied again from its own noise after it
+        back = [i for i, (gone, s) in enumerate(zip(judged["forgotten"], record["similarity"], strict=True))
+                if gone and s >= line.threshold]  # fmt: skip
+        relearn[way] = {"similarity": record["similarity"], "forgotten_before": sum(judged["forgotten"]),
+                        "came_back": len(back), "came_back_targets": back}  # fmt: skip
+    return {"model": line.setup.name, "targets": [list(t) for t in targets], "config": line.config.to_dict(),
+            "threshold": line.threshold, "relearn_steps": relearn_steps, "judged": rows, "training": training,
+            "relearn": relearn}  # fmt: skip
+
+
+def print_table(result: dict) -> None:
+    """After each request: targets so far forgotten (robustly), SSIM and PSNR of 64 held-out seeds
+    against the original base, for each way (joint: after the last)."""
+    print(f"{result['model']}: after each request, targets so far forgotten / SSIM / PSNR (dB) of 64 held-out seeds")
+    print("| requests | line | line SSIM | line PSNR | stack | stack SSIM | stack PSNR | joint | joint SSIM | joint PSNR |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    last = len(result["targets"])
+    for k in range(1, last + 1):
+        rows = [result["judged"]["line"][k - 1], result["judged"]["stack"][k - 1],
+                result["judged"]["joint"][0] if k == last else None]  # fmt: skip
+        cells = []
+        for row in rows:
+            cells += ["", "", ""] if row is None else [f"{sum(row['forgotten'])}/{k}", f"{row['ssim']:.3f}", f"{row['psnr']:.1f}"]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    for way, row in result["relearn"].items():
+        print(f"relearning ({result['relearn_steps']} steps of ordinary fine-tuning on other outputs), {way}: "
+              f"{row['came_back']} of the {row['forgotten_before']} forgotten targets came back")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="flags", choices=sorted(SETUPS))
+    parser.add_argument("--requests", type=int, default=REQUESTS)
+    parser.add_argument("--relearn-steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only print the table from the records")
+    parser.add_argument("--records", type=Path, default=RECORDS, help="where the records and LoRAs are kept")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sequential.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    setup = SETUPS[args.model]()
+    candidates = RESULTS / "effectiveness" / f"{args.model}_candidates.json"  # effectiveness' ranked targets
+    targets = [tuple(t) for t in json.loads(candidates.read_text())["candidates"][: args.requests]]
+    line = Line(setup, UnlearnConfig(seed=0), load_lpips(), args.records)
+    if not args.report:
+        line.base_outputs(targets)
+        line.line(targets)
+        line.alone(targets)
+        line.joint(targets)
+        joint = f"joint_{len(targets)}"
+        states = {}  # key -> (the results that make the state, the targets it is judged on, the way)
+        for k in range(1, len(targets) + 1):
+            states[f"judge_line_{k}"] = ([f"line_{i}" for i in range(1, k + 1)], targets[:k], "line")
+            states[f"judge_stack_{k}"] = ([f"alone_{i}" for i in range(1, k + 1)], targets[:k], "stack")
+        states[f"judge_{joint}"] = ([joint], targets, "joint")
+        for key, (results, judged, way) in states.items():
+            if key not in line.records:  # the LoRAs are read only for what is still to judge
+                line.judge(key, [line.lora(r) for r in results], judged, way)
+        for way, results in (("line", states[f"judge_line_{len(targets)}"][0]),
+                             ("stack", states[f"judge_stack_{len(targets)}"][0]), ("joint", [joint])):  # fmt: skip
+            key = f"relearn_{way}_{len(targets)}_{args.relearn_steps}"
+            if key not in line.records:
+                line.relearn(key, [line.lora(r) for r in results], targets, args.relearn_steps)
+    result = report(line, targets, args.relearn_steps)
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), **result})
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
