@@ -11,7 +11,7 @@ that graph. Text: SD3 77 CLIP + 256 T5 tokens; Flux.1 512 T5 tokens (what diffus
 ComfyUI pads a shorter prompt to 256, so for it this errs high); Qwen-Image 256 tokens, a long
 prompt (neither diffusers nor ComfyUI pads its prompts to a fixed length).
 
-The LoRA covers the layers nodes/host.py trains on each family, in diffusers' names
+The LoRA covers the layers nodes/host/family.py trains on each family, in diffusers' names
 (:func:`lora_targets`): on SD3 and Qwen-Image every attention projection of both streams (to_q,
 to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out); on Flux.1 the double
 blocks' img_attn and txt_attn qkv and proj (the same eight projections) and the single blocks'

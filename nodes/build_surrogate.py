@@ -15,15 +15,18 @@ from ..unlearn_core.data.surrogate import (
 )
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.verify.metrics import at_size, copy_similarity
-from . import host, images, paths
+from . import images, paths
+from .host.model import HostModel
+from .host.sampling import SAMPLERS, SCHEDULERS, HostPrompt
+from .host.vae import decode, encode, vae_scale
 from .targets import Target, TargetsType
 
 
 def target_latent(target: Target, vae) -> torch.Tensor:
     """The sampler's latent when it was recorded, else the VAE encoding of the image."""
     if target.latent is None:
-        return host.encode(vae, target.image.unsqueeze(0)).float()
-    scale = host.vae_scale(vae)
+        return encode(vae, target.image.unsqueeze(0)).float()
+    scale = vae_scale(vae)
     latent_size = tuple(target.latent.shape[-2:])
     if tuple(side * scale for side in latent_size) != tuple(target.image.shape[:2]):
         height, width = target.image.shape[:2]
@@ -61,8 +64,8 @@ class BuildSurrogate(io.ComfyNode):
                              tooltip="Seed of the surrogate's noise."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps for a full denoise (scaled by strength)."),
                 io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, tooltip="Guidance scale of the edit."),
-                io.Combo.Input("sampler_name", options=list(host.SAMPLERS), default="euler", tooltip="ComfyUI sampler for the edit."),
-                io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="sgm_uniform", tooltip="ComfyUI scheduler for the edit."),
+                io.Combo.Input("sampler_name", options=list(SAMPLERS), default="euler", tooltip="ComfyUI sampler for the edit."),
+                io.Combo.Input("scheduler", options=list(SCHEDULERS), default="sgm_uniform", tooltip="ComfyUI scheduler for the edit."),
                 io.Float.Input("noise_std", default=0.1, min=0.0, max=2.0, step=0.01, tooltip="Latent noise of the 'noise' ablation surrogate."),
                 io.Conditioning.Input("edit_conditioning", optional=True,
                                       tooltip="Optional edit prompt (e.g. the same prompt with the fix spelled out); defaults to the target's own conditioning."),
@@ -100,9 +103,10 @@ class BuildSurrogate(io.ComfyNode):
                 raise InputError(f"method=edited_image needs one edited image per target ({len(targets)}), got {count}")
         if method == "inpaint" and any(t.mask is None for t in targets.targets):
             raise InputError("method=inpaint needs a mask on every target: connect a mask to Mark Undesired Output")
-        host.model_family(model)
+        host_model = HostModel(model)
+        host_model.family()  # an unsupported model is refused before any sampling
         detector = paths.load_copy_detector(copy_detector)  # a missing file fails before any sampling
-        sampler = host.HostSampler(model)
+        sampler = host_model.sampler()
         built, previews, lines = [], [], []
         for index, target in enumerate(targets.targets):
             latent = target_latent(target, vae)
@@ -112,8 +116,8 @@ class BuildSurrogate(io.ComfyNode):
                     "this target has no conditioning: connect the conditioning that produced it to Mark "
                     "Undesired Output, or give edit_conditioning here"
                 )
-            prompt = host.HostPrompt(positive, negative if negative is not None else target.negative, steps, cfg,
-                                     sampler_name, scheduler)  # fmt: skip
+            prompt = HostPrompt(positive, negative if negative is not None else target.negative, steps, cfg,
+                                sampler_name, scheduler)  # fmt: skip
             edited = None
             if method == "edited_image":
                 if edited_image[index].shape[:2] != target.image.shape[:2]:
@@ -121,7 +125,7 @@ class BuildSurrogate(io.ComfyNode):
                         f"edited image {index} is {tuple(edited_image[index].shape[:2])} but its target is "
                         f"{tuple(target.image.shape[:2])}: the surrogate must have the target's size"
                     )
-                edited = host.encode(vae, edited_image[index].unsqueeze(0)).float()
+                edited = encode(vae, edited_image[index].unsqueeze(0)).float()
             mask = None if target.mask is None else target.mask.reshape(1, 1, *target.mask.shape)
             target_image = images.to_core(target.image)[None]
 
@@ -132,7 +136,7 @@ class BuildSurrogate(io.ComfyNode):
             decoded = {}  # the last surrogate judged is the one kept: its image is reused below
 
             def copy_score(surrogate, _target, target_image=target_image, decoded=decoded):
-                decoded["image"] = host.decode(vae, surrogate)[0]
+                decoded["image"] = decode(vae, surrogate)[0]
                 return float(copy_similarity(detector, at_size(images.to_core(decoded["image"]), target_image), target_image)[0])
 
             try:

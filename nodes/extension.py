@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import host, paths, routes
+from . import paths, routes
 from .build_surrogate import BuildSurrogate
+from .host.events import server_routes
 from .mark_undesired import MarkUndesiredOutput
 from .preserve_check import PreserveCheck
 from .targets import store
@@ -25,7 +26,7 @@ def set_up_once() -> None:
         return
     _set_up = True
     paths.install_example_inputs()  # the inpaint workflow's example image, so it loads as shipped
-    table = host.server_routes()
+    table = server_routes()
     if table is not None:
         routes.register(table, routes.ForgetSetHandlers(store, paths.directory_by_type))
 

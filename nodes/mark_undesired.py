@@ -8,7 +8,9 @@ from comfy_api.latest import io
 from ..unlearn_core.data.forget_set import check_target
 from ..unlearn_core.errors import InputError
 from ..unlearn_core.formats.files import safe_name
-from . import host, provenance
+from . import provenance
+from .host.conditioning import conditioning_from_store, conditioning_to_store
+from .host.latents import image_latent
 from .images import preview_batch
 from .targets import Target, TargetsType, UnlearnTargets, store
 
@@ -101,14 +103,14 @@ class MarkUndesiredOutput(io.ComfyNode):
         folder_name = safe_name(forget_set, "forget-set name")
         if images is not None:
             chosen = parse_indices(indices, len(images))
-            samples = None if latent is None else host.image_latent(latent["samples"])
+            samples = None if latent is None else image_latent(latent["samples"])
             if samples is not None and len(samples) != len(images):
                 raise InputError(f"the latent batch ({len(samples)}) and the image batch ({len(images)}) differ; connect the matching latent")
             height, width = images.shape[1:3]
             if samples is not None:
                 _check_latent_size(samples, height, width)
-            origin = provenance.from_prompt(cls.hidden.prompt, cls.hidden.unique_id)
-            cond_tensors = {**host.conditioning_to_store(conditioning), **host.conditioning_to_store(negative, NEGATIVE)}
+            origin = provenance.from_graph(cls.hidden.prompt, cls.hidden.unique_id)
+            cond_tensors = {**conditioning_to_store(conditioning), **conditioning_to_store(negative, NEGATIVE)}
             chosen_inputs = [(index, images[index], None if samples is None else samples[index],
                               _mask_for(mask, index)) for index in chosen]  # fmt: skip
             for _, image, sample, image_mask in chosen_inputs:  # check every chosen output before storing any
@@ -125,13 +127,13 @@ class MarkUndesiredOutput(io.ComfyNode):
         targets = []
         for record in records:
             stored = forget_store.load_conditioning(folder_name, record)
-            stored_negative = host.conditioning_from_store(stored, NEGATIVE)
+            stored_negative = conditioning_from_store(stored, NEGATIVE)
             targets.append(Target(
                 id=record.id,
                 image=forget_store.load_image(folder_name, record),
                 latent=forget_store.load_latent(folder_name, record),
                 mask=forget_store.load_mask(folder_name, record),
-                conditioning=host.conditioning_from_store(stored) or conditioning,
+                conditioning=conditioning_from_store(stored) or conditioning,
                 negative=stored_negative if stored_negative is not None or stored else negative,
                 provenance=record.provenance,
             ))  # fmt: skip

@@ -19,8 +19,10 @@ from ..unlearn_core.verify.preserve import (
     paired,
     regenerate,
 )
-from . import host, images, paths, provenance
-from .forgetting_check import target_noises
+from . import images, paths, provenance
+from .host.model import HostModel
+from .host.sampling import replay_prompt
+from .host.vae import ClipVisionEmbedder, decoder
 from .targets import TargetsType
 
 
@@ -102,12 +104,13 @@ class PreserveCheck(io.ComfyNode):
             if target.conditioning is None:
                 raise InputError(f"target {index} has no conditioning; connect it to Mark Undesired Output")
         # a target without the seed that made it is replayed from the noise that training recovered too
-        noises, noise_sources = target_noises(base_model, targets, steps, vae)
+        base = HostModel(base_model)
+        noises, noise_sources = base.target_noises(targets, steps, vae)
         for index, (target, noise, source) in enumerate(zip(targets.targets, noises, noise_sources, strict=True)):
             shape = tuple(noise.shape)
             seed = target.provenance.get("seed")
             batch_index = int(target.provenance.get("batch_index", 0) or 0)
-            replay = host.replay_prompt(target.provenance, target.conditioning, target.negative, steps, batch_index)
+            replay = replay_prompt(target.provenance, target.conditioning, target.negative, steps, batch_index)
             problems = tuple(provenance.replay_problems(target.provenance))
             if source["source"] == "seed":
                 replays.append(Replay(target.id, images.to_core(target.image), shape, replay, int(seed), problems))
@@ -119,13 +122,13 @@ class PreserveCheck(io.ComfyNode):
                 prompts.append(("extra", extra_conditioning))
             for kind, conditioning in prompts:
                 seeds = held_out_seeds(target_seed(seed), preserve_seeds)
-                prompt = host.replay_prompt(target.provenance, conditioning, target.negative, steps)
+                prompt = replay_prompt(target.provenance, conditioning, target.negative, steps)
                 held_out.append(HeldOut(prompt, seeds, shape, [{"prompt": kind, "target": target.id, "seed": s} for s in seeds]))
-        to_images = host.decoder(vae)
-        base = regenerate(host.HostSampler(base_model), to_images, replays, held_out)
-        unlearned = regenerate(host.HostSampler(unlearned_model), to_images, replays, held_out)
-        semantic = host.ClipVisionEmbedder(clip_vision) if clip_vision is not None else None
-        check = check_preservation(*paired(replays, held_out, base, unlearned), detector,
+        to_images = decoder(vae)
+        by_base = regenerate(base.sampler(), to_images, replays, held_out)
+        by_unlearned = regenerate(HostModel(unlearned_model).sampler(), to_images, replays, held_out)
+        semantic = ClipVisionEmbedder(clip_vision) if clip_vision is not None else None
+        check = check_preservation(*paired(replays, held_out, by_base, by_unlearned), detector,
                                    Thresholds(forget_threshold, integrity_threshold), load_lpips(), semantic)  # fmt: skip
         report = {**check.as_dict(), "forget_set": targets.forget_set, "lora_name": lora_name}  # the verdict leads
         training = training_verification(lora_name)
@@ -135,7 +138,7 @@ class PreserveCheck(io.ComfyNode):
                 row["forgotten_at_training_step"] = step
         text = json.dumps(report, indent=2, ensure_ascii=False)  # the text a user reads: Fréchet, not Fr\\u00e9chet
         atomic_write_text(report_path, text)
-        top = [image for image in (*base.targets, *base.held_out) if image is not None]
-        bottom = [image for image in (*unlearned.targets, *unlearned.held_out) if image is not None]
+        top = [image for image in (*by_base.targets, *by_base.held_out) if image is not None]
+        bottom = [image for image in (*by_unlearned.targets, *by_unlearned.held_out) if image is not None]
         grid = images.grid([images.from_core(i) for i in top], [images.from_core(i) for i in bottom])
         return io.NodeOutput(grid, text, check.passed, ui=ui.PreviewImage(grid, cls=cls))

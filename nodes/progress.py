@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from . import host
+from .host.events import progress_bar, raise_if_interrupted, send_event
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +24,21 @@ class TrainingProgress:
         self.node_id = None if node_id is None else str(node_id)
         self.total = total
         self.phase = phase
-        self.bar = host.progress_bar(total, self.node_id)
+        self.bar = progress_bar(total, self.node_id)
         self.started = time.perf_counter()
 
     def start(self) -> None:
-        host.send_event(EVENT, {"node": self.node_id, "phase": self.phase, "step": 0, "total": self.total})
+        self.started = time.perf_counter()  # the ETA measures training alone, not what came before it
+        send_event(EVENT, {"node": self.node_id, "phase": self.phase, "step": 0, "total": self.total})
 
     def __call__(self, step: int, total: int, metrics: dict) -> None:
-        host.raise_if_interrupted()
+        raise_if_interrupted()
         elapsed = time.perf_counter() - self.started
         eta = elapsed / step * (total - step) if step else None
         self.bar.update_absolute(step, total)
         payload = {"node": self.node_id, "phase": self.phase, "step": step, "total": total, "eta_s": eta}
         payload.update({k: metrics[k] for k in ("forget_loss", "remember_loss", "objective", "forgotten") if k in metrics})
-        host.send_event(EVENT, payload)
+        send_event(EVENT, payload)
         if step == total or step % max(1, total // 10) == 0:
             log.info("unlearn %s step %d/%d forget %.4g remember %.4g", self.phase, step, total,
                      metrics.get("forget_loss", float("nan")), metrics.get("remember_loss", float("nan")))  # fmt: skip
@@ -45,4 +46,4 @@ class TrainingProgress:
     def finish(self, status: str, **extra) -> None:
         if status == "done":  # verified stopping may end training before the bar's total
             self.bar.update_absolute(self.total, self.total)
-        host.send_event(EVENT, {"node": self.node_id, "phase": self.phase, "status": status, **extra})
+        send_event(EVENT, {"node": self.node_id, "phase": self.phase, "status": status, **extra})

@@ -1,4 +1,6 @@
-"""Where a marked image came from, read from the hidden prompt graph of the running prompt.
+"""Where a marked image came from, read from the graph of the running prompt (ComfyUI's hidden
+``prompt``: the API-format graph, node id -> class and inputs; named ``graph`` here, since the
+samplers' conditioning is what the core calls a prompt).
 
 The walk goes upstream from the image input through decode nodes to the first sampler, then
 from the sampler's model input to its loader, and records the settings that reproduce the
@@ -19,28 +21,28 @@ def _link(value) -> str | None:
     return None
 
 
-def _resolve(prompt: dict, value, hops: int = 0):
+def _resolve(graph: dict, value, hops: int = 0):
     """A widget value, following links to primitive nodes (e.g. a seed node)."""
     source = _link(value)
     if source is None or hops > MAX_HOPS:
         return value
-    node = prompt.get(source, {})
+    node = graph.get(source, {})
     inputs = node.get("inputs", {})
     for key in ("value", "seed", "noise_seed", "int", "float", "string"):
         if key in inputs:
-            return _resolve(prompt, inputs[key], hops + 1)
+            return _resolve(graph, inputs[key], hops + 1)
     return None
 
 
-def _upstream(prompt: dict, node_id: str, want) -> tuple[str, dict] | None:
+def _upstream(graph: dict, node_id: str, want) -> tuple[str, dict] | None:
     """Breadth-first search from ``node_id`` (itself included) upstream for the first want(node)."""
     seen, queue = set(), [node_id]
     while queue and len(seen) < MAX_HOPS * 8:
         current = queue.pop(0)
-        if current in seen or current not in prompt:
+        if current in seen or current not in graph:
             continue
         seen.add(current)
-        node = prompt[current]
+        node = graph[current]
         if want(node):
             return current, node
         for value in node.get("inputs", {}).values():
@@ -59,31 +61,31 @@ def _is_loader(node: dict) -> bool:
     return any(field in node.get("inputs", {}) for field in LOADER_FIELDS)
 
 
-def from_prompt(prompt: dict | None, node_id: str | None, input_name: str = "images") -> dict:
+def from_graph(graph: dict | None, node_id: str | None, input_name: str = "images") -> dict:
     """Provenance of what feeds ``input_name`` of node ``node_id`` (an empty dict if unknown)."""
-    if not prompt or node_id is None or str(node_id) not in prompt:
+    if not graph or node_id is None or str(node_id) not in graph:
         return {}
     node_id = str(node_id)
-    source = _link(prompt[node_id].get("inputs", {}).get(input_name))
+    source = _link(graph[node_id].get("inputs", {}).get(input_name))
     if source is None:
         return {}
-    found = _upstream(prompt, source, _is_sampler)
+    found = _upstream(graph, source, _is_sampler)
     if found is None:
-        return {"source_node": source, "source_class": prompt.get(source, {}).get("class_type")}
+        return {"source_node": source, "source_class": graph.get(source, {}).get("class_type")}
     sampler_id, sampler = found
     inputs = sampler.get("inputs", {})
     result = {"sampler_node": sampler_id, "sampler_class": sampler.get("class_type"),
               "negative_linked": _link(inputs.get("negative")) is not None}  # fmt: skip
     for field in SAMPLER_FIELDS:
         if field in inputs:
-            value = _resolve(prompt, inputs[field])
+            value = _resolve(graph, inputs[field])
             if value is not None:
                 result["seed" if field == "noise_seed" else field] = value
-    loader = _upstream(prompt, sampler_id, _is_loader)
+    loader = _upstream(graph, sampler_id, _is_loader)
     if loader is not None:
         for field in LOADER_FIELDS:
             if field in loader[1].get("inputs", {}):
-                result["model"] = _resolve(prompt, loader[1]["inputs"][field])
+                result["model"] = _resolve(graph, loader[1]["inputs"][field])
     return result
 
 

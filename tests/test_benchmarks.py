@@ -383,5 +383,6 @@ def test_the_sequential_benchmark_runs_one_request_each_way(tmp_path, capsys):
     assert [len(result["judged"][way]) for way in ("line", "stack", "joint")] == [1, 1, 1]
     line, stack = result["judged"]["line"][0], result["judged"]["stack"][0]
     assert line["ssim"] == stack["ssim"]  # one request: the line is the request alone
-    assert set(result["relearn"]) == {"line", "stack", "joint"} and all(r["steps"] == 1 for r in result["relearn"].values())
+    assert set(result["relearn"]) == {"line", "stack", "joint"} and result["relearn_steps"] == 1
+    assert all(0 <= r["came_back"] <= r["forgotten_before"] <= 1 for r in result["relearn"].values())
     assert "| 1 | 1/1 |" in capsys.readouterr().out or not line["all_forgotten"]

@@ -197,15 +197,15 @@ def test_the_new_inputs_reach_training(comfy, loaded, node, with_surrogates):
 def test_own_forget_noise_is_the_noise_each_target_was_sampled_from(loaded, node, with_surrogates, monkeypatch):
     import comfy.sample
 
-    from instance_unlearn.nodes import unlearn_lora
+    from instance_unlearn.nodes.host import unlearning
 
-    trained_on, original = [], unlearn_lora.train_unlearning
+    trained_on, original = [], unlearning.train_unlearning
 
     def recording(denoiser, process, data, config, **kwargs):
         trained_on.append(data.forget.noise)
         return original(denoiser, process, data, config, **kwargs)
 
-    monkeypatch.setattr(unlearn_lora, "train_unlearning", recording)
+    monkeypatch.setattr(unlearning, "train_unlearning", recording)
     inputs = dict(TRAIN, steps=2, lora_name="")
     own = run(node["train"], model=loaded["model"], targets=with_surrogates[0], **inputs, forget_noise="own")[1]
     fresh = run(node["train"], model=loaded["model"], targets=with_surrogates[0], **inputs, forget_noise="fresh")[1]

@@ -124,11 +124,11 @@ def test_a_family_trains_saves_and_loads_with_every_key(comfy, loaded, node, fam
     assert torch.equal(denoiser_output(base, conditioning), base_output)
     assert_same_weights(base, before)
     # what benchmarks/families.py reports per family (read from the JUnit XML of this run)
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host import family
 
     record_property("family", json.dumps({
         "model_class": type(base.model).__name__, "network": type(base.model.diffusion_model).__name__,
-        "model_type": base.model.model_type.name, "lora_targets": list(host.default_targets(base)),
+        "model_type": base.model.model_type.name, "lora_targets": list(family.default_targets(base)),
         "example_key": next(k for k in sorted(lora) if k.endswith(spec.lora_key)), "file_layers": len(file_layers),
         "patched_by_stock_loader": len(stock.patches) - len(base.patches), "not_loaded_warnings": len(unloaded),
         "tiny_widths": spec.tiny_widths,
@@ -136,11 +136,11 @@ def test_a_family_trains_saves_and_loads_with_every_key(comfy, loaded, node, fam
 
 
 def test_a_family_the_pack_cannot_train_is_refused_with_the_supported_ones(loaded):
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host import family
     from instance_unlearn.unlearn_core.errors import InputError
 
     class Unsupported:  # e.g. Stable Cascade or an image-to-image model
         model = type("Model", (), {"model_type": type("Kind", (), {"name": "STABLE_CASCADE"})()})()
 
     with pytest.raises(InputError, match=r"not supported.*SD3, SD3\.5, Flux\.1"):
-        host.model_family(Unsupported())
+        family.model_family(Unsupported())

@@ -31,7 +31,7 @@ def sampling_for(kind: str):
 def test_the_core_prediction_types_convert_as_comfyui_does(comfy, pack, kind):
     """x0 from the network's output, and the output that gives a chosen x0, as ComfyUI's own
     calculate_denoised: the host and the library share one conversion per prediction type."""
-    from instance_unlearn.nodes.host import HostProcess
+    from instance_unlearn.nodes.host.family import HostProcess
 
     sampling = sampling_for(kind)
     process = HostProcess(sampling, kind)
@@ -47,7 +47,7 @@ def test_the_core_prediction_types_convert_as_comfyui_does(comfy, pack, kind):
 
 @pytest.mark.parametrize("kind", ["flow", "eps", "v"])
 def test_x0_loss_equals_the_native_loss_of_the_host(comfy, pack, kind):
-    from instance_unlearn.nodes.host import HostProcess
+    from instance_unlearn.nodes.host.family import HostProcess
 
     sampling = sampling_for(kind)
     process = HostProcess(sampling, kind)
@@ -72,7 +72,7 @@ def test_x0_loss_equals_the_native_loss_of_the_host(comfy, pack, kind):
 def test_erasediff_aims_the_native_output_at_the_noise_on_the_host_as_in_the_library(comfy, pack, kind):
     """EraseDiff's forget target is the x0 whose *native* output (velocity, or epsilon) is the
     unrelated noise, on the host as in the library: its loss is zero exactly at that x0."""
-    from instance_unlearn.nodes.host import HostProcess
+    from instance_unlearn.nodes.host.family import HostProcess
     from instance_unlearn.unlearn_core.data.sets import ForgetTargets, RememberSet, UnlearnData
     from instance_unlearn.unlearn_core.diffusion.process import RectifiedFlow
     from instance_unlearn.unlearn_core.method.objectives import EraseDiff
@@ -96,7 +96,7 @@ def test_erasediff_aims_the_native_output_at_the_noise_on_the_host_as_in_the_lib
 
 
 def test_eps_noise_fractions_map_to_increasing_sigmas(comfy, pack):
-    from instance_unlearn.nodes.host import HostProcess
+    from instance_unlearn.nodes.host.family import HostProcess
 
     process = HostProcess(sampling_for("eps"), "eps")
     sigmas = process.sigma(torch.tensor([0.05, 0.3, 0.6, 1.0]))
@@ -104,8 +104,8 @@ def test_eps_noise_fractions_map_to_increasing_sigmas(comfy, pack):
 
 
 def test_node_modules_share_helpers_through_host_paths_and_images_not_through_each_other(pack):
-    """A node module imports no other node module, and only host.py and paths.py import ComfyUI's
-    model and folder modules (nodes may import comfy_api's io)."""
+    """A node module imports no other node module, and only the host package and paths.py import
+    ComfyUI's model and folder modules (nodes may import comfy_api's io)."""
     import re
     from pathlib import Path
 
@@ -121,7 +121,7 @@ def test_node_modules_share_helpers_through_host_paths_and_images_not_through_ea
         if path.stem in node_modules:
             assert not imported & node_modules, f"{path.name} imports node module(s) {imported & node_modules}"
         # extension imports the server on load; progress.py still drives ComfyUI's progress bar itself
-        if path.stem not in ("host", "paths", "extension", "progress"):
+        if path.stem not in ("paths", "extension", "progress"):
             assert not host_import.search(text), f"{path.name} imports a ComfyUI module directly"
 
 
@@ -131,7 +131,7 @@ def test_training_noises_with_the_graphs_model_sampling_patch(comfy, pack, loade
     it, as the sampler does, not with the network's unpatched model_sampling."""
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
-    from instance_unlearn.nodes.host import training_process
+    from instance_unlearn.nodes.host.family import training_process
 
     base = loaded["model"]
     shifted = ModelSamplingSD3().patch(base, shift=12.0)[0]
@@ -145,7 +145,7 @@ def test_training_noises_with_the_graphs_model_sampling_patch(comfy, pack, loade
 def test_a_batch_constant_rides_per_sample_and_returns_as_one_number(comfy, pack):
     """Lumina 2 / Z-Image take the text length once per batch (CONDConstant): samples of different
     lengths cannot share a batch, which is refused with what to change, as ComfyUI cannot batch them."""
-    from instance_unlearn.nodes.host import CONSTANT, with_constants
+    from instance_unlearn.nodes.host.conditioning import CONSTANT, with_constants
     from instance_unlearn.unlearn_core.errors import InputError
 
     text = torch.zeros(3, 8, 4)
@@ -153,3 +153,23 @@ def test_a_batch_constant_rides_per_sample_and_returns_as_one_number(comfy, pack
     assert out["num_tokens"] == 8 and isinstance(out["num_tokens"], int) and out["c_crossattn"] is text
     with pytest.raises(InputError, match="num_tokens.*same length"):
         with_constants({f"{CONSTANT}num_tokens": torch.tensor([8, 8, 12])})
+
+
+def test_a_sampler_in_the_networks_space_gives_ksamplers_outputs_converted(comfy, pack, loaded):
+    """The remember set comes out of the sampler in the space the trainer takes: exactly ComfyUI's
+    KSampler outputs through process_latent_in; an edit takes and gives that space too."""
+    from instance_unlearn.nodes.host.latents import process_latent_in
+    from instance_unlearn.nodes.host.sampling import HostPrompt, HostSampler
+
+    model = loaded["model"]
+    prompt = HostPrompt(loaded["conditioning"], None, 3, 1.0, "euler", "simple")
+    raw, network = HostSampler(model), HostSampler(model, network_space=True)
+    with torch.inference_mode():
+        generated = raw.generate(prompt, [5, 6], (16, 8, 8))
+        assert torch.equal(network.generate(prompt, [5, 6], (16, 8, 8)), process_latent_in(model, generated))
+        assert not torch.equal(process_latent_in(model, generated), generated), "the tiny SD3 shifts and scales its latents"
+        noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(network.generate_from_noise(prompt, noise), process_latent_in(model, raw.generate_from_noise(prompt, noise)))
+        edited = raw.edit(prompt, generated[:1], 0.5, 7)
+        edited_in_network = network.edit(prompt, process_latent_in(model, generated[:1]), 0.5, 7)
+    assert torch.allclose(edited_in_network, process_latent_in(model, edited), atol=1e-5)

@@ -237,7 +237,7 @@ def test_a_surrogate_identical_to_its_target_is_refused_by_build_and_warned_of_b
 
 def test_an_image_the_vae_cannot_take_whole_is_resized_with_a_warning_not_cropped(comfy, node, context, caplog):
     """ComfyUI's VAE centre-crops sides that are not a multiple of 8; the pack resizes the whole target."""
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host import vae
 
     image = torch.rand(1, 60, 68, 3, generator=torch.Generator().manual_seed(4))
     targets, _ = run(node["mark"], forget_set="odd_size", indices="0", images=image, conditioning=context["conditioning"])
@@ -250,6 +250,6 @@ def test_an_image_the_vae_cannot_take_whole_is_resized_with_a_warning_not_croppe
             stored.movedim(-1, 1), size=(64, 64), mode="bilinear", antialias=True).movedim(1, -1).clamp(0, 1))  # fmt: skip
         cropped = context["vae"].encode(stored)  # what ComfyUI alone would do
     latent = built.targets[0].latent
-    assert latent.shape == (16, 8, 8) and host.vae_scale(context["vae"]) == 8
+    assert latent.shape == (16, 8, 8) and vae.vae_scale(context["vae"]) == 8
     assert torch.allclose(latent, whole[0], atol=1e-4)
     assert cropped.shape[-2:] == (7, 8), "ComfyUI alone would have cut 4 pixels off each side of the target"

@@ -33,10 +33,11 @@ FAULTY = dict(TRAIN, steps=STEPS)
 @contextlib.contextmanager
 def inside_step(monkeypatch, step: int, fault):
     """Run ``fault(x0_prediction)`` in every forward of training step ``step`` of the node."""
-    from instance_unlearn.nodes import host, progress
+    from instance_unlearn.nodes import progress
+    from instance_unlearn.nodes.host.adapters import PatcherDenoiser
 
     done = {"steps": 0}
-    original_call, original_predict = progress.TrainingProgress.__call__, host.PatcherDenoiser.predict_x0
+    original_call, original_predict = progress.TrainingProgress.__call__, PatcherDenoiser.predict_x0
 
     def record(self, current, total, metrics):
         done["steps"] = current
@@ -47,7 +48,7 @@ def inside_step(monkeypatch, step: int, fault):
         return fault(output) if done["steps"] == step - 1 else output
 
     monkeypatch.setattr(progress.TrainingProgress, "__call__", record)
-    monkeypatch.setattr(host.PatcherDenoiser, "predict_x0", predict)
+    monkeypatch.setattr(PatcherDenoiser, "predict_x0", predict)
     try:
         yield done
     finally:
@@ -155,7 +156,7 @@ def test_a_crash_while_saving_keeps_the_previous_lora_and_leaves_no_part(comfy, 
 
 def test_two_runs_in_one_process_leave_the_cached_model_bit_identical_and_repeat_byte_for_byte(comfy, node, loaded,
                                                                                                 with_surrogates):  # fmt: skip
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host.latents import process_latent_in
     from instance_unlearn.unlearn_core import __version__
     from instance_unlearn.unlearn_core.formats.files import tensor_hash
     from instance_unlearn.unlearn_core.formats.lora import REPRODUCTION_KEYS, load_lora
@@ -192,7 +193,7 @@ def test_two_runs_in_one_process_leave_the_cached_model_bit_identical_and_repeat
     assert config["steps"] == TRAIN["steps"] and config["seed"] == TRAIN["seed"] and config["lora_rank"] == TRAIN["rank"]
     assert json.loads(metadata["unlearn.target_ids"]) == [t.id for t in targets.targets]
     # content hashes of what the trainer saw (the network-space latents), as every caller records them
-    network = host.process_latent_in
+    network = process_latent_in
     assert json.loads(metadata["unlearn.target_hashes"]) == [tensor_hash(network(base, t.latent[None])[0]) for t in targets.targets]
     assert json.loads(metadata["unlearn.surrogate_hashes"]) == [tensor_hash(network(base, t.surrogate_latent[None])[0])
                                                                 for t in targets.targets]  # fmt: skip

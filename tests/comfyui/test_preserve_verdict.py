@@ -98,16 +98,16 @@ def test_the_verdict_changes_only_through_the_lora(loaded, node, trained):
 @pytest.fixture
 def decoded(monkeypatch, pack):
     """Every image the pack decodes while the test runs, in order (the images Preserve Check judges)."""
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host import vae
 
-    seen, original = [], host.decode
+    seen, original = [], vae.decode
 
     def recording(vae, samples):
         images = original(vae, samples)
         seen.extend(image[None].clone() for image in images)  # one entry per image, batch or not
         return images
 
-    monkeypatch.setattr(host, "decode", recording)
+    monkeypatch.setattr(vae, "decode", recording)
     return seen
 
 
@@ -176,16 +176,16 @@ def test_an_sscd_file_in_models_unlearn_measures_forgetting(comfy, loaded, node,
 
 
 def test_remember_seeds_and_preserve_seeds_are_disjoint(loaded, node, batch, monkeypatch, pack):
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host import sampling
     from instance_unlearn.unlearn_core.data.seeds import preserve_seeds, remember_seeds
 
-    seeds, original = [], host.ksample
+    seeds, original = [], sampling.ksample
 
     def recording(patcher, seed, *args, **kwargs):
         seeds.append(seed)
         return original(patcher, seed, *args, **kwargs)
 
-    monkeypatch.setattr(host, "ksample", recording)
+    monkeypatch.setattr(sampling, "ksample", recording)
     targets = mark(node, loaded, batch, "verdict_seeds", with_negative=True)
     built, _, _ = run(node["surrogate"], model=loaded["model"], vae=loaded["vae"], targets=targets, **SURROGATE)
     seeds.clear()

@@ -64,14 +64,15 @@ def _without_seed(targets):
 
 
 def test_a_target_without_its_seed_gets_its_noise_back_by_inverting_the_sampler(loaded, with_surrogates):
-    from instance_unlearn.nodes import host, unlearn_lora
+    from instance_unlearn.nodes.host.model import HostModel
+    from instance_unlearn.nodes.host.sampling import sampling_noise
 
     targets = with_surrogates[0]
     target = targets.targets[0]
-    made_from = host.sampling_noise(loaded["model"], tuple(target.latent.shape), 11, 1)  # the marked output: seed 11, image 1
+    made_from = sampling_noise(loaded["model"], tuple(target.latent.shape), 11, 1)  # the marked output: seed 11, image 1
     with torch.inference_mode():
-        (noise,), (source,) = unlearn_lora.target_noises(loaded["model"], _without_seed(targets), steps=3)
-        (seeded,), (seed_source,) = unlearn_lora.target_noises(loaded["model"], targets, steps=3)
+        (noise,), (source,) = HostModel(loaded["model"]).target_noises(_without_seed(targets), steps=3)
+        (seeded,), (seed_source,) = HostModel(loaded["model"]).target_noises(targets, steps=3)
     assert source["source"].startswith("recovered by inverting the sampler") and source["why"] == "no recorded seed"
     assert seed_source == {"source": "seed", "seed": 11, "batch_index": 1} and torch.equal(seeded, made_from)
     error = float((noise - made_from).norm() / made_from.norm())
@@ -90,10 +91,15 @@ def test_the_check_verifies_a_target_whose_noise_was_recovered(comfy, loaded, no
 
 
 def test_the_host_base_prediction_is_the_model_without_the_adapters(loaded):
-    from instance_unlearn.nodes import host
+    from instance_unlearn.nodes.host.adapters import (
+        PatcherDenoiser,
+        adapter_parameters,
+        lora_training_clone,
+    )
+    from instance_unlearn.nodes.host.family import training_process
 
     base = loaded["model"]
-    process = host.training_process(base)
+    process = training_process(base)
     x, t = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0.5])
     conditioning = loaded["conditioning"][0]
 
@@ -107,11 +113,11 @@ def test_the_host_base_prediction_is_the_model_without_the_adapters(loaded):
     with torch.inference_mode():  # the base model's output before any adapter exists
         comfy.model_management.load_models_gpu([base])
         untouched = base.model.apply_model(x, process.sigma(t), **cond_of(base)).clone()
-    with torch.inference_mode(False), host.lora_training_clone(base, 4, 4.0, None, 0) as (clone, adapters):
+    with torch.inference_mode(False), lora_training_clone(base, 4, 4.0, None, 0) as (clone, adapters):
         with torch.no_grad():
             for adapter in adapters.values():  # a trained-looking adapter (lora_down starts at zero)
                 adapter.lora_down.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-            denoiser = host.PatcherDenoiser(clone, process, host.adapter_parameters(adapters), adapters)
+            denoiser = PatcherDenoiser(clone, process, adapter_parameters(adapters), adapters)
             cond = cond_of(clone)
             adapted = denoiser.predict_x0(x, t, cond)
             without = denoiser.base_predict_x0(x, t, cond)

@@ -1,1 +1,1 @@
-"""Model backends: diffusers here; the ComfyUI adapter lives in the pack's nodes/host.py."""
+"""Model backends: diffusers here; the ComfyUI adapter lives in the pack's nodes/host/ package."""

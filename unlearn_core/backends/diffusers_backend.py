@@ -72,7 +72,7 @@ KINDS = {cls: kind for kind, (_, cls) in COMPONENTS.items()}
 PACKED_KINDS = ("flux", "qwen_image")
 
 # Default LoRA targets: layer-name suffixes, matched (as peft does) inside the network's blocks
-# only, and the same layers the ComfyUI side of this pack trains on that network (nodes/host.py).
+# only, and the same layers the ComfyUI side of this pack trains on that network (nodes/host/family.py).
 
 #: diffusers' own SD3 LoRA recipe: every attention projection of both streams.
 SD3_LORA_TARGETS = (

@@ -4,10 +4,10 @@ core's own deterministic sampler over any denoiser.
 The surrogate, the remember set and the preserve check need outputs of the model being
 unlearned: generated from a seed's noise, or edited from an image (SDEdit, or inpainting under a
 mask). They ask a :class:`Sampler` for them, so the same steps run on a diffusers model
-(:class:`DenoiserSampler`, here) and on a ComfyUI model (``nodes/host.py``'s ``HostSampler``,
-which runs ComfyUI's own KSampler). A *prompt* is whatever the sampler conditions on (a
-:data:`~unlearn_core.diffusion.denoiser.Conditioning` here; positive, negative and sampler settings in
-ComfyUI): the core passes it through and never reads it.
+(:class:`DenoiserSampler`, here) and on a ComfyUI model (``HostSampler`` in the pack's
+``nodes/host/sampling.py``, which runs ComfyUI's own KSampler). A *prompt* is whatever the
+sampler conditions on (a :data:`~unlearn_core.diffusion.denoiser.Conditioning` here; positive,
+negative and sampler settings in ComfyUI): the core passes it through and never reads it.
 
 :func:`sample` walks a process's :class:`SamplingGrid` with one update for both families
 (:func:`step_to`: DDIM with eta = 0 for epsilon models, Euler for rectified flow), so surrogates
