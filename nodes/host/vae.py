@@ -17,13 +17,6 @@ def decoder(vae):
     return lambda samples: decode(vae, samples).movedim(-1, 1).float()
 
 
-def latent_shape(patcher, vae, height: int, width: int) -> tuple[int, int, int]:
-    """(C, h, w) of the raw latent this model samples for an image of height x width pixels."""
-    scale = vae_scale(vae)
-    channels = patcher.model.latent_format.latent_channels
-    return channels, max(1, round(height / scale)), max(1, round(width / scale))
-
-
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
     """IMAGE (B, H, W, 3) -> raw LATENT samples.
 
