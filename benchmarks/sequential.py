@@ -120,17 +120,21 @@ class Line:
     def lora(self, key: str):
         return load_lora(self.loras / f"{key}.safetensors")
 
-    def request_data(self, pair) -> tuple[ForgetTargets, RememberSet]:
-        """A request: the target (the base model's output for the pair, the same in every way),
-        and its surrogate and remember set (other seeds of its prompt and of the other prompts) as
-        the model at hand makes them."""
+    def forget_data(self, pair) -> ForgetTargets:
+        """A request's target (the base model's output for the pair, the same in every way) and
+        its surrogate as the model at hand makes it."""
         label, seed = pair
         target = self.bench._data(tuple(pair), self.setup.steps_sample)["target"]
         surrogate = make_surrogate(self.setup, "edit", target, label, self.bench.edit_seed(tuple(pair)))
-        remember_pairs = self.setup.remember_pairs(label)
-        remember = self.setup.generate(remember_pairs)
-        forget = ForgetTargets(target, surrogate, self.setup.cond([label]), seeded_noise([seed], tuple(target.shape[1:])))
-        return forget, RememberSet(remember, self.setup.cond([p[0] for p in remember_pairs]))
+        return ForgetTargets(target, surrogate, self.setup.cond([label]), seeded_noise([seed], tuple(target.shape[1:])))
+
+    def remember_data(self, pair) -> RememberSet:
+        """A request's remember set as the model at hand makes it: other seeds of its prompt and of the others."""
+        remember_pairs = self.setup.remember_pairs(pair[0])
+        return RememberSet(self.setup.generate(remember_pairs), self.setup.cond([p[0] for p in remember_pairs]))
+
+    def request_data(self, pair) -> tuple[ForgetTargets, RememberSet]:
+        return self.forget_data(pair), self.remember_data(pair)
 
     def base_marks(self, targets) -> torch.Tensor:
         """Which probes of each target the base model copies (the forgetting check's baseline on the
@@ -139,7 +143,7 @@ class Line:
         and the question stays whether the base model's output is gone."""
         key = "base_marks_" + "_".join(f"{label}-{seed}" for label, seed in targets)
         if key not in self.records:
-            forget = ForgetTargets.joined([self.request_data(pair)[0] for pair in targets])
+            forget = ForgetTargets.joined([self.forget_data(pair) for pair in targets])
             settings = self.bench.check_settings(self.setup.steps_sample)
             check = sampler_check(DiffusersDenoiser(self.setup.model, self.setup.process), self.setup.process, forget,
                                   settings, self.config.check_margin, self.config.check_nearby, self.config.seed)  # fmt: skip
@@ -166,9 +170,9 @@ class Line:
             key = f"line_{k}"
             applied = [self.lora(f"line_{i}") for i in range(1, k)]
             with merged(self.setup.model, sum_of(applied)) if applied else contextlib.nullcontext():
-                forget, remember = self.request_data(pair)
+                forget = self.forget_data(pair)  # the later requests keep it, recorded or not
                 if key not in self.records:
-                    self.train(key, ForgetTargets.joined([*earlier, forget]), remember, marks[:k])
+                    self.train(key, ForgetTargets.joined([*earlier, forget]), self.remember_data(pair), marks[:k])
             earlier.append(forget)
 
     def alone(self, targets) -> None:

@@ -26,10 +26,10 @@ from abc import ABC, abstractmethod
 
 import torch
 
-__all__ = ["Prediction", "Epsilon", "Velocity", "FlowVelocity"]
+__all__ = ["Prediction", "Epsilon", "Velocity", "FlowVelocity", "per_sample"]
 
 
-def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample scalars (B,) broadcast against a batch (B, ...), on its device and dtype."""
     return values.to(like).reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -62,10 +62,10 @@ class Epsilon(Prediction):
     name = "epsilon"
 
     def to_x0(self, x_t, output, alpha, sigma):
-        return (x_t - _expand(sigma, x_t) * output) / _expand(alpha, x_t)
+        return (x_t - per_sample(sigma, x_t) * output) / per_sample(alpha, x_t)
 
     def from_x0(self, x_t, x0, alpha, sigma):
-        return (x_t - _expand(alpha, x_t) * x0) / _expand(sigma, x_t)
+        return (x_t - per_sample(alpha, x_t) * x0) / per_sample(sigma, x_t)
 
     def loss_weight(self, alpha, sigma):
         return (alpha / sigma) ** 2
@@ -87,11 +87,11 @@ class Velocity(Prediction):
 
     def to_x0(self, x_t, output, alpha, sigma):
         a, s, norm = self._unit(alpha, sigma)
-        return _expand(a / norm, x_t) * x_t - _expand(s, x_t) * output
+        return per_sample(a / norm, x_t) * x_t - per_sample(s, x_t) * output
 
     def from_x0(self, x_t, x0, alpha, sigma):
         a, s, norm = self._unit(alpha, sigma)
-        return (_expand(a / norm, x_t) * x_t - x0) / _expand(s, x_t)
+        return (per_sample(a / norm, x_t) * x_t - x0) / per_sample(s, x_t)
 
     def loss_weight(self, alpha, sigma):
         _, s, _ = self._unit(alpha, sigma)
@@ -106,10 +106,10 @@ class FlowVelocity(Prediction):
     name = "flow"
 
     def to_x0(self, x_t, output, alpha, sigma):
-        return (x_t - _expand(sigma, x_t) * output) / _expand(alpha + sigma, x_t)
+        return (x_t - per_sample(sigma, x_t) * output) / per_sample(alpha + sigma, x_t)
 
     def from_x0(self, x_t, x0, alpha, sigma):
-        return (x_t - _expand(alpha + sigma, x_t) * x0) / _expand(sigma, x_t)
+        return (x_t - per_sample(alpha + sigma, x_t) * x0) / per_sample(sigma, x_t)
 
     def loss_weight(self, alpha, sigma):
         return ((alpha + sigma) / sigma) ** 2

@@ -31,14 +31,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .prediction import Epsilon, FlowVelocity, Prediction, Velocity
+from .prediction import Epsilon, FlowVelocity, Prediction, Velocity, per_sample
 
 __all__ = ["ForwardProcess", "RectifiedFlow", "DDPMEpsilon", "DDPMVelocity", "ddpm_process", "x0_space_loss"]
-
-
-def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample scalars (B,) broadcast against a batch (B, ...)."""
-    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class ForwardProcess(ABC):
@@ -80,7 +75,7 @@ class ForwardProcess(ABC):
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.scales(t)
-        return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
+        return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise
 
 
 class RectifiedFlow(ForwardProcess):
@@ -197,5 +192,5 @@ def x0_space_loss(
     """
     if x0_hat.shape != x0_target.shape:
         raise ValueError(f"prediction {tuple(x0_hat.shape)} and target {tuple(x0_target.shape)} differ")
-    per_sample = (x0_hat.float() - x0_target.float()).pow(2).flatten(1).mean(dim=1)
-    return weight.to(per_sample) * per_sample
+    mse = (x0_hat.float() - x0_target.float()).pow(2).flatten(1).mean(dim=1)
+    return weight.to(mse) * mse

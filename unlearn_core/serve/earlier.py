@@ -92,8 +92,10 @@ class Earlier:
         if tuple(tensors["targets"].shape[1:]) != shape:
             raise InputError(f"the earlier targets are {tuple(tensors['targets'].shape[1:])} but the new ones {shape}: "
                              "one model line trains on targets of one size")  # fmt: skip
-        moved = {k: v.float().to(device) for k, v in tensors.items()}
-        return ForgetTargets(moved["targets"], moved["surrogates"], {k: moved[k] for k in keys}, moved.get("noise"))
+        def moved(key):  # only what the forget set takes (not the earlier remember set)
+            return None if key not in tensors else tensors[key].float().to(device)
+
+        return ForgetTargets(moved("targets"), moved("surrogates"), {k: moved(k) for k in keys}, moved("noise"))
 
     def carried_marks(self, nearby: int) -> torch.Tensor:
         """The base-copy marks the earlier targets bring (the last request's check baseline)."""

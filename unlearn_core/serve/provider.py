@@ -470,12 +470,13 @@ def run_job(
         weights = save_full_weights(plan.output, outcome.finetuned.to("cpu"), metadata)
     else:
         weights = save_lora(plan.output, outcome.lora, plan.key_format, metadata)
-    result_state = model_state(loaded.fingerprint, [*earlier_sha256, file_sha256(weights)])
-    written = [weights, training, preview]
+    files = {path.name: file_sha256(path) for path in (weights, training, preview)}
+    result_state = model_state(loaded.fingerprint, [*earlier_sha256, files[weights.name]])
     if earlier:  # one file for the whole line: the exact sum of every result so far
         merged_metadata = {**metadata, "unlearn.model_state": result_state["sha256"],
                            "unlearn.merged_of": json.dumps([*(p.name for p in plan.earlier), weights.name])}  # fmt: skip
-        written.append(save_lora(plan.sibling("merged"), sum_of([*applied, outcome.lora]), plan.key_format, merged_metadata))
+        line_file = save_lora(plan.sibling("merged"), sum_of([*applied, outcome.lora]), plan.key_format, merged_metadata)
+        files[line_file.name] = file_sha256(line_file)
     final = outcome.training.final
     result = {
         "lora": str(weights),
@@ -491,7 +492,7 @@ def run_job(
         "targets": targets_record,
         "check": {**plan.check, "measure": f"copy similarity ({detector.name}) of a regeneration to its target"},
         "verification": outcome.training.verification,
-        "files": {path.name: file_sha256(path) for path in written},
+        "files": files,
         "model_state": trained_on,
         "result_state": result_state,
         "earlier": [{"file": path.name, "sha256": digest} for path, digest in zip(plan.earlier, earlier_sha256, strict=True)],

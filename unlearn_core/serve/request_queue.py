@@ -250,10 +250,11 @@ class RequestQueue:
                     continue
                 blocker = self._line_blocker(request_id)
                 if blocker is not None and blocker[1] in ("failed", "missing"):  # the line cannot go on from there
-                    error = (f"model line {self.record(request_id)['line']!r}: the earlier request {blocker[0]!r} is "
+                    record = self.record(request_id)
+                    error = (f"model line {record['line']!r}: the earlier request {blocker[0]!r} is "
                              f"{blocker[1]}, so this one has no model to train on; resubmit the line from there")  # fmt: skip
                     self._move(source, "failed", request_id)
-                    self._write_record(request_id, {**self.record(request_id), "state": "failed", "error": error})
+                    self._write_record(request_id, {**record, "state": "failed", "error": error})
                     log.error("request %s refused: %s", request_id, error)
                     continue
                 if blocker is not None:  # waits for the earlier requests of its line
