@@ -1,6 +1,7 @@
 """The pack's files inside ComfyUI's folders: the one module of the nodes that reads folder_paths.
 
-- LoRAs: ``models/loras/<name>.safetensors`` (the stock LoRA loaders list them);
+- LoRAs: ``models/loras/<name>.safetensors`` (the stock LoRA loaders list them), and after a
+  request on an existing LoRA the merged one beside it, ``<name>.merged.safetensors``;
 - Preserve Check reports: beside the LoRA, or ``output/unlearn/reports/``;
 - forget sets: ``output/unlearn/forget_sets/<set>/``;
 - copy detectors (SSCD TorchScript files) for Preserve Check: ``models/unlearn/``, plus any
@@ -34,6 +35,28 @@ def loras_folder() -> Path:
 def lora_path(name: str) -> Path:
     """models/loras/<name>.safetensors for a LoRA name (subfolders allowed)."""
     return safe_child(loras_folder(), name, ".safetensors", what="LoRA name")
+
+
+NO_LORA = "[None]"  # existing_lora option: train on the model as it is (TrainLoraNode's spelling)
+
+
+def lora_files() -> list[str]:
+    """The LoRA files the stock loaders list (names relative to a loras folder, subfolders as '/')."""
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def existing_lora_path(name: str) -> Path:
+    """The file of a listed LoRA name, inside one of ComfyUI's loras folders."""
+    for folder in folder_paths.get_folder_paths("loras"):
+        path = safe_child(folder, name, ".safetensors", what="LoRA name")
+        if path.is_file():
+            return path
+    raise InputError(f"existing_lora {name!r} is not in models/loras; choose a LoRA an earlier run of this node saved, or {NO_LORA}")
+
+
+def merged_lora_path(path: Path) -> Path:
+    """Where the merged LoRA of a model line goes beside a request's own: NAME.merged.safetensors."""
+    return path.with_name(path.name.removesuffix(".safetensors") + ".merged.safetensors")
 
 
 def lora_name(path: Path) -> str:

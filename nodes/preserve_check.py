@@ -26,8 +26,9 @@ from .host.vae import ClipVisionEmbedder, decoder
 from .targets import TargetsType
 
 
-def training_verification(lora_name: str) -> dict | None:
-    """The forgetting check's record that Instance Unlearn LoRA saved in the LoRA file, if any."""
+def training_verification(lora_name: str) -> tuple[dict, list[str]] | None:
+    """The forgetting check's record that Instance Unlearn LoRA saved in the LoRA file, if any, and
+    the ids of the targets it trained on in its order (the record's lists follow it)."""
     if not lora_name.strip():
         return None
     path = paths.lora_path(lora_name)
@@ -35,7 +36,7 @@ def training_verification(lora_name: str) -> dict | None:
         return None
     _, metadata = read_safetensors(path, "LoRA file")
     text = metadata.get("unlearn.verification")
-    return None if text is None else json.loads(text)
+    return None if text is None else (json.loads(text), json.loads(metadata.get("unlearn.target_ids") or "[]"))
 
 
 class PreserveCheck(io.ComfyNode):
@@ -133,9 +134,13 @@ class PreserveCheck(io.ComfyNode):
         report = {**check.as_dict(), "forget_set": targets.forget_set, "lora_name": lora_name}  # the verdict leads
         training = training_verification(lora_name)
         if training is not None:  # what verified stopping saw during training, beside what this check sees now
-            report["training_verification"] = training
-            for row, step in zip(report["targets"], training.get("forgotten_at") or [], strict=False):
-                row["forgotten_at_training_step"] = step
+            verification, trained_ids = training
+            report["training_verification"] = verification
+            # by id: a run on an existing LoRA trains the earlier targets first, whatever order they come in here
+            at_step = dict(zip(trained_ids, verification.get("forgotten_at") or [], strict=False))
+            for row in report["targets"]:
+                if row["target"] in at_step:
+                    row["forgotten_at_training_step"] = at_step[row["target"]]
         text = json.dumps(report, indent=2, ensure_ascii=False)  # the text a user reads: Fréchet, not Fr\\u00e9chet
         atomic_write_text(report_path, text)
         top = [image for image in (*by_base.targets, *by_base.held_out) if image is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from comfy_api.latest import io
@@ -58,12 +59,19 @@ class InstanceUnlearnLoRA(io.ComfyNode):
                 io.Float.Input("forget_threshold", default=0.7, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="A regeneration is no longer the target below this copy similarity (Preserve Check's "
                                        "threshold); the check also wants check_margin below it."),
+                io.Combo.Input("existing_lora", options=[paths.NO_LORA, *paths.lora_files()], default=paths.NO_LORA, optional=True,
+                               tooltip="An earlier request's result (its LoRA, or the .merged file of all so far) to continue "
+                                       "from: it is applied to the model first, its targets must be among these targets (mark "
+                                       "into the same forget set) and stay forgotten, and the outputs are everything so far, "
+                                       "saved as lora_name.merged. Connect the base model, without it applied."),
             ],  # fmt: skip
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied."),
-                io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="The LoRA tensors (works with SaveLoRA / LoraModelLoader)."),
+                io.Model.Output(display_name="model", tooltip="The model with the unlearning LoRA applied (with existing_lora: both)."),
+                io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="The LoRA tensors (works with SaveLoRA / LoraModelLoader); "
+                                                                              "with existing_lora the merged LoRA of both."),
                 io.Custom("LOSS_MAP").Output(display_name="loss", tooltip="Per-step losses (works with Plot Loss Graph)."),
-                io.String.Output(display_name="lora_name", tooltip="The saved file's name for LoraLoaderModelOnly (empty if not saved)."),
+                io.String.Output(display_name="lora_name", tooltip="The saved file's name for LoraLoaderModelOnly (empty if not saved; "
+                                                                   "with existing_lora the merged file's)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -71,10 +79,11 @@ class InstanceUnlearnLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, targets, remember_count, remember_steps, lora_name, remember_latents=None,
                 remember_conditioning=None, vae=None, copy_detector=paths.PIXEL, forget_threshold=0.7,
-                **training) -> io.NodeOutput:  # fmt: skip
+                existing_lora=paths.NO_LORA, **training) -> io.NodeOutput:  # fmt: skip
         config = config_inputs.config_from_inputs(training)
-        # an unsupported model, a rank a layer cannot hold or a forget set training cannot use fails before any work
-        unlearning = LoraUnlearning(HostModel(model), config)
+        # an unsupported model, a rank a layer cannot hold, an earlier result that does not fit or a
+        # forget set training cannot use fails before any work
+        unlearning = LoraUnlearning(HostModel(model), config, existing_lora)
         unlearning.check_targets(targets)
         path = paths.lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
         detector = paths.load_copy_detector(copy_detector)  # a missing detector file fails before any work
@@ -83,12 +92,17 @@ class InstanceUnlearnLoRA(io.ComfyNode):
         progress = TrainingProgress(cls.hidden.unique_id, config.steps)
         unlearned = unlearning.run(targets, remember, check, progress)
         result = unlearned.result
+        saved_name = ""
         if path is not None:
             save_lora(path, unlearned.weights, "comfy", unlearned.metadata)
             saved_name = paths.lora_name(path)
             log.info("saved unlearning LoRA to %s", path)
-        else:
-            saved_name = ""
+            if unlearned.merged is not None:  # one file for every request so far, the next existing_lora
+                merged_path = paths.merged_lora_path(path)
+                save_lora(merged_path, unlearned.merged, "comfy",
+                          {**unlearned.metadata, "unlearn.merged_of": json.dumps([existing_lora, saved_name])})  # fmt: skip
+                saved_name = paths.lora_name(merged_path)
+                log.info("saved the merged LoRA of %s and this request to %s", existing_lora, merged_path)
         progress.finish("done", lora_name=saved_name, seconds=result.seconds, steps=result.steps,
                         verification=result.verification.get("status"),
                         forgotten_at=result.verification.get("forgotten_at"))  # fmt: skip

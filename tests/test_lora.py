@@ -106,6 +106,19 @@ def test_another_networks_own_names_are_saved_as_they_are():
     }
 
 
+def test_a_file_of_another_networks_own_names_loads_back_in_their_namespace(tmp_path):
+    """A file this pack wrote with ComfyUI's keys for such a network loads back as ComfyUI's names: the
+    stock loader's tensors again, and summable with a LoRA trained there (a request on an existing LoRA)."""
+    from unlearn_core.formats.lora import sum_of
+
+    own = LoraWeights(random_sd3_lora(blocks=1).layers, "comfy")
+    loaded = load_lora(save_lora(tmp_path / "qwen.safetensors", own, "comfy"))
+    assert loaded.namespace == "comfy"
+    again, written = state_dict_for(loaded, "comfy"), state_dict_for(own, "comfy")
+    assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in again)
+    assert set(sum_of([loaded, own]).layers) == set(own.layers)
+
+
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     import unlearn_core.formats.lora as lora
 

@@ -44,6 +44,7 @@ FILE_INPUTS = {
     "UNETLoader": {"unet_name": "diffusion_models"},
     "VAELoader": {"vae_name": "vae"},
     "LoadImage": {"image": "input"},
+    "InstanceUnlearn_TrainLoRA": {"existing_lora": "loras"},
 }
 
 

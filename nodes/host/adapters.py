@@ -249,7 +249,8 @@ def lora_weights(patcher, adapters: dict[str, torch.nn.Module]) -> LoraWeights:
         layers[name.removeprefix(prefix)] = LoraLayer(adapter.lora_down.weight.detach().float().cpu().clone(),
                                                       adapter.lora_up.weight.detach().float().cpu().clone(),
                                                       float(adapter.alpha))  # fmt: skip
-    is_mmdit = type(patcher.model.diffusion_model).__name__ == "MMDiT"
+    # SD3's network is ComfyUI's MMDiT under a wrapper subclass (OpenAISignatureMMDITWrapper)
+    is_mmdit = any(cls.__name__ == "MMDiT" for cls in type(patcher.model.diffusion_model).__mro__)
     return LoraWeights(dict(sorted(layers.items())), "mmdit" if is_mmdit else "comfy")
 
 

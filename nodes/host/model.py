@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...unlearn_core.diffusion.denoiser import Conditioning
+from ...unlearn_core.formats.lora import LoraWeights, state_dict_for
 from ...unlearn_core.method.config import UnlearnConfig
 from .adapters import LoraTraining, lora_training, with_lora
 from .conditioning import conditioning_tensors
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 class HostModel:
     """A ComfyUI MODEL (a ModelPatcher): which family it is, how it noises and samples, latents and
     conditioning in the network's terms, the noise each target was made from, a LoRA trained on a
-    clone of it, and the model with a LoRA applied. The patcher itself is never changed."""
+    clone of it, and the model with a LoRA applied (with those two, the core's
+    :class:`~unlearn_core.method.lora_run.TrainableModel`). The patcher itself is never changed."""
 
     def __init__(self, patcher):
         self.patcher = patcher
@@ -91,6 +93,10 @@ class HostModel:
         was, whatever happens inside the block (see :mod:`.adapters`)."""
         return lora_training(self.patcher, config, process)
 
-    def with_lora(self, lora: dict[str, torch.Tensor], strength: float = 1.0):
-        """A clone of the model with a LORA_MODEL applied the way the stock LoRA loaders apply it."""
-        return with_lora(self.patcher, lora, strength)
+    def with_lora(self, weights: LoraWeights):
+        """A clone of the model with ``weights`` applied the way the stock LoRA loaders apply a file."""
+        return self.with_lora_model(state_dict_for(weights, "comfy"))
+
+    def with_lora_model(self, lora: dict[str, torch.Tensor]):
+        """A clone of the model with a LORA_MODEL (a LoRA file's tensors) applied as the stock loaders do."""
+        return with_lora(self.patcher, lora)

@@ -120,8 +120,9 @@ def test_saved_workflows_keep_their_values_in_the_same_widgets(definition):
     added = names[oldest:]
     from instance_unlearn.nodes.config_inputs import ADDED
 
-    # then the forgetting check's own widgets (what it judges with), which set no config field
-    assert added == [*ADDED, "copy_detector", "forget_threshold"], "the inputs added since the workflows were saved come after every older widget"
+    # then the forgetting check's own widgets (what it judges with), which set no config field, then the
+    # earlier result a second request continues from
+    assert added == [*ADDED, "copy_detector", "forget_threshold", "existing_lora"], "the inputs added since the workflows were saved come after every older widget"
 
 
 def out_of_bounds(option, spec) -> object:
@@ -197,15 +198,15 @@ def test_the_new_inputs_reach_training(comfy, loaded, node, with_surrogates):
 def test_own_forget_noise_is_the_noise_each_target_was_sampled_from(loaded, node, with_surrogates, monkeypatch):
     import comfy.sample
 
-    from instance_unlearn.nodes.host import unlearning
+    from instance_unlearn.unlearn_core.method import lora_run
 
-    trained_on, original = [], unlearning.train_unlearning
+    trained_on, original = [], lora_run.train_unlearning
 
-    def recording(denoiser, process, data, config, **kwargs):
+    def recording(denoiser, process, data, *args, **kwargs):
         trained_on.append(data.forget.noise)
-        return original(denoiser, process, data, config, **kwargs)
+        return original(denoiser, process, data, *args, **kwargs)
 
-    monkeypatch.setattr(unlearning, "train_unlearning", recording)
+    monkeypatch.setattr(lora_run, "train_unlearning", recording)
     inputs = dict(TRAIN, steps=2, lora_name="")
     own = run(node["train"], model=loaded["model"], targets=with_surrogates[0], **inputs, forget_noise="own")[1]
     fresh = run(node["train"], model=loaded["model"], targets=with_surrogates[0], **inputs, forget_noise="fresh")[1]

@@ -39,6 +39,7 @@ from ..errors import InputError
 from ..formats.lora import LoraLayer, LoraWeights, reproduction_metadata
 from ..formats.model_folders import COMPONENTS
 from ..method.config import UnlearnConfig
+from ..method.lora_run import train_lora
 from ..method.objectives import BasePrediction
 from ..method.split_gradients import LayerGradientSplit
 from ..method.stopping import CheckSettings, sampler_check
@@ -59,6 +60,7 @@ __all__ = [
     "unpack_latents",
     "lora_attached",
     "lora_target_names",
+    "DiffusersModel",
     "unlearn_diffusers",
     "UnlearnOutcome",
 ]
@@ -431,6 +433,39 @@ class UnlearnOutcome:
     finetuned: torch.nn.Module | None = None
 
 
+@dataclass(frozen=True)
+class DiffusersLoraTraining:
+    """A LoRA in training on a diffusers module (a :class:`~unlearn_core.method.lora_run.LoraInTraining`)."""
+
+    denoiser: DiffusersDenoiser
+    attached: AttachedLora
+
+    def weights(self) -> LoraWeights:
+        return self.attached.weights()
+
+
+@dataclass(frozen=True)
+class DiffusersModel:
+    """A diffusers module as a :class:`~unlearn_core.method.lora_run.TrainableModel`: a LoRA lives
+    in it for the duration of a block (:func:`lora_attached`), so there is no served model to hand
+    back; apply a trained LoRA with ``lora_attached(module, weights=...)``."""
+
+    module: torch.nn.Module
+
+    @contextlib.contextmanager
+    def lora_training(self, config: UnlearnConfig, process: ForwardProcess) -> Iterator[DiffusersLoraTraining]:
+        with (
+            lora_attached(self.module, config.lora_rank, config.effective_alpha, config.target_modules, seed=config.seed) as lora,
+            gradient_checkpointing(self.module, config.gradient_checkpointing),
+        ):
+            # Checkpointing re-runs blocks in the backward pass; the split would keep every LoRA
+            # input alive across the whole forward and undo the memory it saves, so use two passes.
+            yield DiffusersLoraTraining(lora.denoiser(process, split=not config.gradient_checkpointing), lora)
+
+    def with_lora(self, weights: LoraWeights) -> None:
+        return None
+
+
 def unlearn_diffusers(
     model: torch.nn.Module,
     process: ForwardProcess,
@@ -446,27 +481,20 @@ def unlearn_diffusers(
     once every target is verified forgotten (``config.stop_when_forgotten``)."""
     model_kind(model)
 
-    def train(denoiser: DiffusersDenoiser) -> TrainResult:
-        verify = None
-        if check is not None and config.stop_when_forgotten:
-            verify = sampler_check(denoiser, process, data.forget, check, config.check_margin, config.check_nearby, config.seed)
-        return train_unlearning(denoiser, process, data, config, callback, should_stop, check=verify)
+    def verify(denoiser: DiffusersDenoiser):
+        if check is None or not config.stop_when_forgotten:
+            return None
+        return sampler_check(denoiser, process, data.forget, check, config.check_margin, config.check_nearby, config.seed)
 
     if config.adapter == "full":
         trained = copy.deepcopy(model)
         trained.requires_grad_(True)
+        denoiser = DiffusersDenoiser(trained, process, base_predict_x0=DiffusersDenoiser(model, process).predict_x0)
         with gradient_checkpointing(trained, config.gradient_checkpointing):
-            result = train(DiffusersDenoiser(trained, process, base_predict_x0=DiffusersDenoiser(model, process).predict_x0))
+            result = train_unlearning(denoiser, process, data, config, callback, should_stop, check=verify(denoiser))
         trained.requires_grad_(False)
         return UnlearnOutcome(training=result, finetuned=trained)
-    with (
-        lora_attached(model, config.lora_rank, config.effective_alpha, config.target_modules, seed=config.seed) as lora,
-        gradient_checkpointing(model, config.gradient_checkpointing),
-    ):
-        # Checkpointing re-runs blocks in the backward pass; the split would keep every LoRA
-        # input alive across the whole forward and undo the memory it saves, so use two passes.
-        result = train(lora.denoiser(process, split=not config.gradient_checkpointing))
-        weights = lora.weights()
-    weights.metadata.update(reproduction_metadata(config, data, model_kind(model)))  # callers add what they know
-    return UnlearnOutcome(training=result, lora=weights)
-
+    trained = train_lora(DiffusersModel(model), process, data, config, callback, should_stop,
+                         check=lambda training: verify(training.denoiser))  # fmt: skip
+    trained.weights.metadata.update(reproduction_metadata(config, data, model_kind(model)))  # callers add what they know
+    return UnlearnOutcome(training=trained.result, lora=trained.weights)

@@ -437,4 +437,8 @@ def load_lora(path: str | Path) -> LoraWeights:
     weights = parse_state_dict(tensors)
     weights.metadata = metadata
     weights.kind = metadata.get("unlearn.model_kind")  # which network the names belong to, when recorded
+    if metadata.get("unlearn.key_format") == "comfy" and weights.namespace == "diffusers":
+        # written with ComfyUI's keys by this pack: the names are ComfyUI's own (a Qwen-Image
+        # transformer's are spelled like diffusers' SD3 names, so the names alone cannot say)
+        weights.namespace = "comfy"
     return weights

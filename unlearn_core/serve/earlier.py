@@ -34,7 +34,7 @@ from ..formats.files import file_sha256, read_safetensors
 from ..formats.full_weights import is_full_weights
 from ..formats.lora import LoraWeights, load_lora
 
-__all__ = ["Earlier", "read_earlier", "model_state", "TRAINING_SUFFIX", "REPORT_SUFFIX"]
+__all__ = ["Earlier", "read_earlier", "carried_marks", "model_state", "TRAINING_SUFFIX", "REPORT_SUFFIX"]
 
 #: the files every job writes beside its result (see :mod:`unlearn_core.serve.provider`)
 TRAINING_SUFFIX, REPORT_SUFFIX = ".training.safetensors", ".report.json"
@@ -99,18 +99,28 @@ class Earlier:
 
     def carried_marks(self, nearby: int) -> torch.Tensor:
         """The base-copy marks the earlier targets bring (the last request's check baseline)."""
-        baseline = (self.reports[-1].get("verification") or {}).get("baseline") or {}
-        marks = baseline.get("counted")
-        name = self.paths[-1].name
-        if marks is None:
-            raise InputError(f"earlier result {name} records no forgetting check (it trained with stop_when_forgotten off), "
-                             "so its targets cannot be judged again: continue with stop_when_forgotten false, or redo "
-                             "that request with it on")  # fmt: skip
-        marks = torch.tensor(marks, dtype=torch.bool)
-        if marks.shape != (self.targets, 1 + nearby):
-            raise InputError(f"earlier result {name} checked its targets with {marks.shape[-1] - 1} nearby probes; "
-                             f"continue with check_nearby {marks.shape[-1] - 1}")  # fmt: skip
-        return marks
+        return carried_marks(self.reports[-1].get("verification"), self.targets, nearby, self.paths[-1].name)
+
+
+def carried_marks(verification: dict | None, targets: int, nearby: int, name: str) -> torch.Tensor:
+    """The base-copy marks (``targets``, 1 + ``nearby``) an earlier result's forgetting check
+    recorded in its ``verification`` (the baseline's ``counted``): which probes the base model copied,
+    so the model at hand, which no longer copies them, can still judge those targets. ``name`` says
+    which result in the refusals."""
+    baseline = (verification or {}).get("baseline") or {}
+    marks = baseline.get("counted")
+    if marks is None:
+        raise InputError(f"earlier result {name} records no forgetting check (it trained with stop_when_forgotten off, or "
+                         "without the check's inputs), so its targets cannot be judged again: continue with "
+                         "stop_when_forgotten false, or redo that request with it on")  # fmt: skip
+    marks = torch.tensor(marks, dtype=torch.bool)
+    if marks.ndim != 2 or marks.shape[0] != targets:
+        raise InputError(f"earlier result {name} records check marks for {marks.shape[0] if marks.ndim else 0} targets "
+                         f"but trained on {targets}; the file is not one this pack wrote")  # fmt: skip
+    if marks.shape[1] != 1 + nearby:
+        raise InputError(f"earlier result {name} checked its targets with {marks.shape[-1] - 1} nearby probes; "
+                         f"continue with check_nearby {marks.shape[-1] - 1}")  # fmt: skip
+    return marks
 
 
 def read_earlier(paths: list[Path], kind: str) -> Earlier:
