@@ -78,7 +78,7 @@ from unlearn_core.backends.diffusers_backend import (
     lora_attached,
     unlearn_diffusers,
 )
-from unlearn_core.data.surrogate import build_surrogate
+from unlearn_core.data.surrogate import away_from_copy, build_surrogate
 from unlearn_core.demo import models as demo_model
 from unlearn_core.demo.run import find_undesired, generate
 from unlearn_core.diffusion.noise import seeded_noise, slerp
@@ -331,6 +331,10 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
     strength of SDEDIT_STRENGTHS whose result the copy detector does not call a copy of the
     target. A surrogate that is still a copy cannot be forgotten towards: at 0.6 four of the nine
     shapes targets' edits are copies (similarity 0.82 to 0.999), and one stays a copy up to 0.9.
+    A flags target whose outer-band inpaint is a copy (its wrong flag differs from the prompt's in
+    the middle band too, which the inpaint keeps: candidates (3, 258), (1, 959), (1, 740) at 0.95 to
+    0.99) gets what Build Surrogate and the CLI do with a copy: the library's rebuild
+    (:func:`~unlearn_core.data.surrogate.away_from_copy`), here SDEdit of the whole flag from 0.6 up.
     The visible models edit the same way (lshapes in latent space, judged on the decoded edit).
     ``seed`` is the edit's noise (:meth:`Bench.edit_seed` chooses it)."""
     if kind in ("flip", "noise"):
@@ -338,8 +342,22 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
     sampler = DenoiserSampler(DiffusersDenoiser(setup.model, setup.process), setup.process, setup.steps_sample, setup.clip)
     if setup.name == "flags":
         mask = demo_model.outer_bands_mask(*target.shape[-2:])
-        return build_surrogate("inpaint", target, sampler=sampler, prompt=setup.cond([label]), strength=1.0, seed=seed,
-                               mask=mask).clamp(-1, 1)  # fmt: skip
+        surrogate = build_surrogate("inpaint", target, sampler=sampler, prompt=setup.cond([label]), strength=1.0, seed=seed,
+                                    mask=mask).clamp(-1, 1)  # fmt: skip
+        if similarity_to(setup, surrogate, target) < FORGET_THRESHOLD[setup.name]:
+            return surrogate
+
+        def sdedit(strength, edit_seed):
+            return build_surrogate("sdedit", target, sampler=sampler, prompt=setup.cond([label]), strength=strength,
+                                   seed=edit_seed).clamp(-1, 1)  # fmt: skip
+
+        surrogate, note = away_from_copy(sdedit, target, lambda image, of: similarity_to(setup, image, of),
+                                         FORGET_THRESHOLD[setup.name], SDEDIT_STRENGTHS[0], seed,
+                                         f"the surrogate of this {setup.classes[label]} target (its outer-band inpaint is a "
+                                         "copy; SDEdit of the whole flag)")  # fmt: skip
+        log.info("flags surrogate: the outer-band inpaint is a copy; SDEdit strength %g, seed %d, copy similarity %.3f",
+                 note["strength"], note["seed"], note["copy_similarity"])  # fmt: skip
+        return surrogate
     for strength in SDEDIT_STRENGTHS:
         surrogate = build_surrogate("sdedit", target, sampler=sampler, prompt=setup.cond([label]), strength=strength,
                                     seed=seed).clamp(-1, 1)  # fmt: skip

@@ -5,7 +5,9 @@ original base, and does a little ordinary fine-tuning bring a forgotten target b
 Every way unlearns the same targets, the base model's outputs for the model's first ten table
 candidates (``effectiveness`` keeps them: flags are wrong flags of three prompts, so several
 requests come from one prompt), in that order, with the library's defaults (verified stopping on,
-the table's copy detector and threshold). Three ways:
+the table's copy detector and threshold). A request the library refuses before training (its
+surrogate stays a copy of its target at every edit tried, :meth:`Line.accepted`) is left out of
+every way and listed with the reason. Three ways:
 
 - **line** (what ``earlier`` in a job does, :mod:`unlearn_core.serve.earlier`): request k trains on
   the base with results 1..k-1 merged, its surrogate and remember set made by that served model,
@@ -68,6 +70,7 @@ from unlearn_core.backends.diffusers_backend import (
 )
 from unlearn_core.diffusion.noise import seeded_noise, slerp
 from unlearn_core.diffusion.sampling import sample
+from unlearn_core.errors import InputError
 from unlearn_core.formats.apply import merged
 from unlearn_core.formats.lora import sum_of
 from unlearn_core.method.objectives import denoising_loss
@@ -132,6 +135,21 @@ class Line:
         """A request's remember set as the model at hand makes it: other seeds of its prompt and of the others."""
         remember_pairs = self.setup.remember_pairs(pair[0])
         return RememberSet(self.setup.generate(remember_pairs), self.setup.cond([p[0] for p in remember_pairs]))
+
+    def accepted(self, targets) -> tuple[list, list[dict]]:
+        """The requests training takes, and those the library refuses before any work (with why):
+        one whose surrogate stays a copy of its target at every edit tried cannot be forgotten
+        towards, and Build Surrogate and the CLI refuse it (:func:`~unlearn_core.data.surrogate.away_from_copy`)."""
+        accepted, refused = [], []
+        for pair in targets:
+            try:
+                self.forget_data(pair)
+            except InputError as error:
+                refused.append({"target": list(pair), "reason": str(error)})
+                log.warning("%s %s: refused before training: %s", self.setup.name, pair, error)
+                continue
+            accepted.append(pair)
+        return accepted, refused
 
     def request_data(self, pair) -> tuple[ForgetTargets, RememberSet]:
         return self.forget_data(pair), self.remember_data(pair)
@@ -255,7 +273,7 @@ class Line:
         return self.keep({"key": key, "steps": steps, "similarity": [round(s, 4) for s in similarity]})
 
 
-def report(line: Line, targets, relearn_steps: int) -> dict:
+def report(line: Line, targets, relearn_steps: int, refused: list[dict]) -> dict:
     rows = {}
     for way in ("line", "stack"):
         rows[way] = [line.records.get(f"judge_{way}_{k}") for k in range(1, len(targets) + 1)]
@@ -272,7 +290,8 @@ def report(line: Line, targets, relearn_steps: int) -> dict:
                 if gone and s >= line.threshold]  # fmt: skip
         relearn[way] = {"similarity": record["similarity"], "forgotten_before": sum(judged["forgotten"]),
                         "came_back": len(back), "came_back_targets": back}  # fmt: skip
-    return {"model": line.setup.name, "targets": [list(t) for t in targets], "config": line.config.to_dict(),
+    return {"model": line.setup.name, "requests": len(targets) + len(refused), "targets": [list(t) for t in targets],
+            "refused": refused, "config": line.config.to_dict(),
             "threshold": line.threshold, "relearn_steps": relearn_steps, "judged": rows, "training": training,
             "relearn": relearn}  # fmt: skip
 
@@ -281,6 +300,8 @@ def print_table(result: dict) -> None:
     """After each request: targets so far forgotten (robustly), SSIM and PSNR of 64 held-out seeds
     against the original base, for each way (joint: after the last)."""
     print(f"{result['model']}: after each request, targets so far forgotten / SSIM / PSNR (dB) of 64 held-out seeds")
+    for refused in result["refused"]:
+        print(f"refused before training, so not among the requests below: {tuple(refused['target'])}: {refused['reason']}")
     print("| requests | line | line SSIM | line PSNR | stack | stack SSIM | stack PSNR | joint | joint SSIM | joint PSNR |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     last = len(result["targets"])
@@ -311,10 +332,11 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     setup = SETUPS[args.model]()
     candidates = RESULTS / "effectiveness" / f"{args.model}_candidates.json"  # effectiveness' ranked targets
-    targets = [tuple(t) for t in json.loads(candidates.read_text())["candidates"][: args.requests]]
+    requests = [tuple(t) for t in json.loads(candidates.read_text())["candidates"][: args.requests]]
     line = Line(setup, UnlearnConfig(seed=0), load_lpips(), args.records)
+    line.base_outputs(requests)
+    targets, refused = line.accepted(requests)
     if not args.report:
-        line.base_outputs(targets)
         line.line(targets)
         line.alone(targets)
         line.joint(targets)
@@ -332,7 +354,7 @@ def main(argv=None) -> int:
             key = f"relearn_{way}_{len(targets)}_{args.relearn_steps}"
             if key not in line.records:
                 line.relearn(key, [line.lora(r) for r in results], targets, args.relearn_steps)
-    result = report(line, targets, args.relearn_steps)
+    result = report(line, targets, args.relearn_steps, refused)
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), **result})
     print_table(result)
     return 0

@@ -221,6 +221,41 @@ def test_between_the_forgotten_check_and_the_confirming_one_only_the_remember_ha
     assert repaired.history[first + 4]["remember_loss"] < pushed.history[first + 4]["remember_loss"]
 
 
+class Scripted:
+    """A check with given verdicts: target 0 is gone from the first check on, target 1 never."""
+
+    verifiable = [True, True]
+
+    def __len__(self):
+        return 2
+
+    def baseline(self):
+        return CheckResult(0, torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool), [False, False], 2)
+
+    def __call__(self, step):
+        return CheckResult(step, torch.tensor([[0.1], [0.99]]), torch.ones(2, 1, dtype=torch.bool), [True, False], 2)
+
+
+def test_once_a_target_is_gone_the_forget_draws_go_to_the_one_still_produced(monkeypatch):
+    from unlearn_core.method import objectives
+
+    drawn, plan = [], objectives.SurrogateUnlearning.plan
+
+    def recording(self, data, generator):
+        result = plan(self, data, generator)
+        drawn.append(result.forget_index.tolist())
+        return result
+
+    monkeypatch.setattr(objectives.SurrogateUnlearning, "plan", recording)
+    model = make_tiny_sd3()
+    data = make_data(4, 8, sd3_cond, n_forget=2, n_remember=4)
+    with lora_attached(model, rank=2) as lora:
+        result = train_unlearning(lora.denoiser(FLOW), FLOW, data, quick(steps=15, forget_batch_size=4), check=Scripted())
+    assert result.steps == 15 and result.verification["forgotten_at"] == [5, None]
+    assert {0, 1} <= {i for step in drawn[:5] for i in step}, "before the first check both targets are drawn"
+    assert all(i == 1 for step in drawn[5:] for i in step), "a target found gone still takes forget draws"
+
+
 def test_the_raise_schedule_lifts_the_rate_while_the_target_is_produced():
     raised = _train(quick(steps=40, rate_schedule="raise", raise_after=10, learning_rate=1e-3), scale=1e-6)
     rates = [h["learning_rate"] for h in raised.history]

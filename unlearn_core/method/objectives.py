@@ -123,10 +123,20 @@ class Objective:
         self.process = process
         self.forget_batch = forget_batch
         self.remember_batch = remember_batch
+        #: the targets the forget draws come from (None: every one); the trainer narrows it to the
+        #: targets still produced while the forgetting check finds others gone
+        self.draw_from: torch.Tensor | None = None
+
+    def draw_targets(self, data: UnlearnData, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` forget-set indices, uniform over :attr:`draw_from` (the same random draws
+        whatever it holds, so narrowing it changes which targets, not the rest of the step)."""
+        pool = self.draw_from
+        index = torch.randint(len(data.forget) if pool is None else len(pool), (count,), generator=generator)
+        return index if pool is None else pool[index]
 
     def plan(self, data: UnlearnData, generator: torch.Generator) -> StepPlan:
         shape = data.forget.targets.shape[1:]
-        forget_index = torch.randint(len(data.forget), (self.forget_batch,), generator=generator)
+        forget_index = self.draw_targets(data, self.forget_batch, generator)
         remember_index = torch.randint(len(data.remember), (self.remember_batch,), generator=generator)
         return StepPlan(
             forget_index=forget_index,
@@ -295,7 +305,7 @@ class SISS(Objective):
     def plan(self, data, generator):
         plan = super().plan(data, generator)
         n = self.remember_batch
-        plan.forget_index = torch.randint(len(data.forget), (n,), generator=generator)
+        plan.forget_index = self.draw_targets(data, n, generator)
         plan.forget_t = plan.remember_t
         plan.forget_noise = plan.remember_noise
         plan.extra["from_forget"] = torch.rand(n, generator=generator) < 0.5

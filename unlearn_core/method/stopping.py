@@ -215,6 +215,12 @@ class StopRule:
         self.streak = self.streak + 1 if all(result.forgotten) else 0
         return self.streak >= self.confirmations
 
+    def still_produced(self) -> list[int] | None:
+        """The targets the last check found still produced, while it found others gone; None
+        before the first check, or when all or none are produced."""
+        produced = [n for n, at in enumerate(self.forgotten_at) if at is None]
+        return produced if 0 < len(produced) < self.targets else None
+
 
 @dataclass
 class RateRaise:

@@ -11,7 +11,8 @@ One step (docs/METHOD.md section 5):
 3. g = objective.combine(g_f, g_r) (gradient surgery for ours), clip, optimizer step;
 4. every ``check_every`` steps, with a :class:`~unlearn_core.method.stopping.ForgettingCheck`: regenerate
    the targets and stop once every one is verifiably forgotten (``stop_when_forgotten``), raising
-   the learning rate while one is not (``rate_schedule="raise"``).
+   the learning rate while one is not (``rate_schedule="raise"``); while some are gone and others
+   not, the forget draws come from those still produced.
 
 The trainer only sees a :class:`~unlearn_core.diffusion.denoiser.Denoiser`; attaching and removing LoRA
 (and so keeping the base model untouched) is the backend's job.
@@ -230,6 +231,16 @@ class _Verification:
                                      "trained every step")  # fmt: skip
 
     @property
+    def still_produced(self) -> torch.Tensor | None:
+        """The targets the forget draws focus on: those the last check found still produced while
+        it found others gone (None: every target). A target found forgotten leaves the forget half
+        until a check finds it produced again, so the push goes where it is still needed: with
+        several targets (earlier requests' ones kept in the forget set, or a joint run), the one not
+        yet gone gets the whole forget batch instead of a share of it."""
+        produced = None if self.rule is None else self.rule.still_produced()
+        return None if produced is None else torch.tensor(produced)
+
+    @property
     def repairing(self) -> bool:
         """Every target was forgotten at the last check and ours repairs until the next confirms."""
         return (self.rule is not None and self.rule.streak > 0 and self.config.repair_when_forgotten
@@ -351,6 +362,7 @@ def train_unlearning(
             if not all(math.isfinite(v) for v in metrics.values()):
                 raise TrainingDiverged(step, "loss")
             stopped, checked = verification.after(step, optimizer)
+            objective.draw_from = verification.still_produced
             metrics.update(checked)
             history.append(metrics)
             if callback is not None:
