@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ class ExistingLora:
     """An earlier unlearning result read and checked against the model; nothing applied yet."""
 
     name: str
+    path: Path
     weights: LoraWeights
     lora_model: dict[str, torch.Tensor]  # as LoraLoaderModelOnly applies the file
     sha256: str
@@ -55,8 +57,8 @@ class ExistingLora:
             verification = json.loads(metadata["unlearn.verification"]) if "unlearn.verification" in metadata else None
         except (ValueError, TypeError) as error:
             raise InputError(f"existing_lora {name!r} has damaged unlearning metadata ({error})") from None
-        return cls(name, weights, state_dict_for(weights, "comfy"), file_sha256(path), ids, metadata.get("unlearn.forget_set"),
-                   verification)  # fmt: skip
+        return cls(name, path, weights, state_dict_for(weights, "comfy"), file_sha256(path), ids,
+                   metadata.get("unlearn.forget_set"), verification)  # fmt: skip
 
     def earlier_first(self, targets: UnlearnTargets) -> UnlearnTargets:
         """The targets with the earlier ones first, in their run's order (so their check marks line
@@ -74,6 +76,15 @@ class ExistingLora:
     def carried_marks(self, nearby: int) -> torch.Tensor:
         """The base-copy marks of the earlier targets (see :func:`~unlearn_core.serve.earlier.carried_marks`)."""
         return carried_marks(self.verification, len(self.target_ids), nearby, self.name)
+
+    def refuse_overwrite(self, own: Path) -> None:
+        """Refuses a lora_name whose own or merged file would be this earlier result: the line would
+        lose the file it continues from (the node's default name is the same for every request)."""
+        for written in (own, paths.merged_lora_path(own)):
+            if written.resolve() == self.path.resolve():
+                raise InputError(f"lora_name {paths.lora_name(own)!r} would overwrite existing_lora {self.name!r}, the result "
+                                 "this request continues from: give each request its own lora_name (for example "
+                                 "unlearn/request_2)")  # fmt: skip
 
     def record(self) -> dict:
         return {"file": self.name, "sha256": self.sha256}

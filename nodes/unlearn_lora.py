@@ -86,6 +86,8 @@ class InstanceUnlearnLoRA(io.ComfyNode):
         unlearning = LoraUnlearning(HostModel(model), config, existing_lora)
         unlearning.check_targets(targets)
         path = paths.lora_path(lora_name) if lora_name.strip() else None  # validate the name before any work
+        if path is not None and unlearning.existing is not None:
+            unlearning.existing.refuse_overwrite(path)
         detector = paths.load_copy_detector(copy_detector)  # a missing detector file fails before any work
         remember = RememberInputs(remember_count, remember_steps, remember_latents, remember_conditioning)
         check = CheckInputs(vae, detector, forget_threshold)

@@ -140,6 +140,21 @@ def test_a_missing_earlier_target_is_refused_before_any_work(comfy, loaded, node
     assert not (comfy["base"] / "models" / "loras" / "tests" / "line_refused.safetensors").exists()
 
 
+def test_a_name_that_would_overwrite_the_earlier_result_is_refused(comfy, loaded, node, line):
+    """The node's default lora_name is the same for every request: the file a request continues
+    from must not be replaced by its own LoRA, nor by its merged one."""
+    from instance_unlearn.unlearn_core.errors import InputError
+
+    folder = comfy["base"] / "models" / "loras"
+    before = (folder / line["first"]).read_bytes()
+    (folder / "tests" / "line_copy.merged.safetensors").write_bytes(before)  # as if a request had merged it
+    for existing, lora_name in [(line["first"], "tests/line_first"), ("tests/line_copy.merged.safetensors", "tests/line_copy")]:
+        with pytest.raises(InputError, match="would overwrite existing_lora"):
+            run(node["train"], model=loaded["model"], targets=line["targets"], existing_lora=existing, lora_name=lora_name,
+                **TRAIN)  # fmt: skip
+        assert (folder / existing).read_bytes() == before
+
+
 def test_a_check_with_other_nearby_probes_is_refused(loaded, node, line):
     from instance_unlearn.unlearn_core.errors import InputError
 
