@@ -142,13 +142,19 @@ class Line:
         towards, and Build Surrogate and the CLI refuse it (:func:`~unlearn_core.data.surrogate.away_from_copy`)."""
         accepted, refused = [], []
         for pair in targets:
-            try:
-                self.forget_data(pair)
-            except InputError as error:
-                refused.append({"target": list(pair), "reason": str(error)})
-                log.warning("%s %s: refused before training: %s", self.setup.name, pair, error)
-                continue
-            accepted.append(pair)
+            key = f"request_{pair[0]}-{pair[1]}"
+            if key not in self.records:  # the verdict is kept: a rerun or --report builds no surrogate for it
+                try:
+                    self.forget_data(pair)
+                    reason = None
+                except InputError as error:
+                    reason = str(error)
+                self.keep({"key": key, "refused": reason})
+            reason = self.records[key]["refused"]
+            if reason is None:
+                accepted.append(pair)
+            else:
+                refused.append({"target": list(pair), "reason": reason})
         return accepted, refused
 
     def request_data(self, pair) -> tuple[ForgetTargets, RememberSet]:

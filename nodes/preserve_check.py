@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 from ..unlearn_core.data.seeds import preserve_seeds as held_out_seeds
 from ..unlearn_core.data.seeds import target_seed
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.formats.files import atomic_write_text, read_safetensors
+from ..unlearn_core.formats.files import atomic_write_text, safetensors_metadata
 from ..unlearn_core.verify.metrics import load_lpips
 from ..unlearn_core.verify.preserve import (
     HeldOut,
@@ -34,7 +34,7 @@ def training_verification(lora_name: str) -> tuple[dict, list[str]] | None:
     path = paths.lora_path(lora_name)
     if not path.is_file():
         return None
-    _, metadata = read_safetensors(path, "LoRA file")
+    metadata = safetensors_metadata(path, "LoRA file")  # the tensors are not needed
     text = metadata.get("unlearn.verification")
     return None if text is None else (json.loads(text), json.loads(metadata.get("unlearn.target_ids") or "[]"))
 

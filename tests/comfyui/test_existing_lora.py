@@ -27,13 +27,10 @@ CHECK = dict(check_every=1, check_nearby=1, check_margin=0.0, forget_threshold=0
 
 
 def _file(comfy, name: str):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """A LoRA file's tensors and metadata, read by the core's one safetensors reader."""
+    from instance_unlearn.unlearn_core.formats.files import read_safetensors
 
-    path = comfy["base"] / "models" / "loras" / name
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    return load_file(str(path)), metadata
+    return read_safetensors(comfy["base"] / "models" / "loras" / name, "LoRA file")
 
 
 @pytest.fixture(scope="module")

@@ -362,7 +362,8 @@ def train_unlearning(
             if not all(math.isfinite(v) for v in metrics.values()):
                 raise TrainingDiverged(step, "loss")
             stopped, checked = verification.after(step, optimizer)
-            objective.draw_from = verification.still_produced
+            if checked:  # the verdicts change only at a check
+                objective.draw_from = verification.still_produced
             metrics.update(checked)
             history.append(metrics)
             if callback is not None:
