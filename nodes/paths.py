@@ -18,7 +18,7 @@ from pathlib import Path
 import folder_paths
 
 from ..unlearn_core.errors import InputError
-from ..unlearn_core.formats.files import atomic_write_bytes, safe_child
+from ..unlearn_core.formats.files import atomic_write_bytes, safe_child, sibling
 from ..unlearn_core.verify.metrics import CopyDetector, PixelCopyDetector, TorchScriptCopyDetector
 
 COPY_DETECTOR_SUFFIXES = (".pt", ".pth", ".torchscript")
@@ -56,7 +56,7 @@ def existing_lora_path(name: str) -> Path:
 
 def merged_lora_path(path: Path) -> Path:
     """Where the merged LoRA of a model line goes beside a request's own: NAME.merged.safetensors."""
-    return path.with_name(path.name.removesuffix(".safetensors") + ".merged.safetensors")
+    return sibling(path, ".merged.safetensors")
 
 
 def lora_name(path: Path) -> str:
@@ -68,7 +68,7 @@ def report_path(lora: str, forget_set: str) -> Path:
     """Preserve Check's report: beside the LoRA when its name is given, else a dated file under output/."""
     if lora.strip():
         lora_file = lora_path(lora)
-        return lora_file.with_name(lora_file.name.removesuffix(".safetensors") + ".report.json")
+        return sibling(lora_file, ".report.json")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     reports = Path(folder_paths.get_output_directory()) / "unlearn" / "reports"
     return safe_child(reports, f"{forget_set}_{stamp}", ".json", what="report name")

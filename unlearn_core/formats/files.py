@@ -117,6 +117,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def sibling(path: Path, suffix: str) -> Path:
+    """A file written beside a .safetensors result: its name without the extension, plus ``suffix``
+    (``x.safetensors`` -> ``x.report.json``, ``x.merged.safetensors``)."""
+    return path.with_name(path.name.removesuffix(".safetensors") + suffix)
+
+
 def job_path(base_dir: Path, value, what: str) -> Path:
     """A path a job names (relative to the job file's folder), which must exist."""
     if not value:

@@ -30,7 +30,7 @@ import torch
 
 from ..data.sets import ForgetTargets
 from ..errors import InputError
-from ..formats.files import file_sha256, read_safetensors
+from ..formats.files import file_sha256, read_safetensors, sibling
 from ..formats.full_weights import is_full_weights
 from ..formats.lora import LoraWeights, load_lora
 
@@ -47,10 +47,6 @@ def model_state(base_files: dict[str, str], earlier_sha256: list[str]) -> dict:
     record = {"base_files_sha256": dict(sorted(base_files.items())), "results_sha256": list(earlier_sha256)}
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return {**record, "sha256": digest}
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name.removesuffix(".safetensors") + suffix)
 
 
 @dataclass
@@ -139,7 +135,7 @@ def read_earlier(paths: list[Path], kind: str) -> Earlier:
         lora = load_lora(path)
         if lora.kind is not None and lora.kind != kind:
             raise InputError(f"{what} is a LoRA of a {lora.kind} model, but this job's model is {kind}")
-        report_path, training_path = _sibling(path, REPORT_SUFFIX), _sibling(path, TRAINING_SUFFIX)
+        report_path, training_path = sibling(path, REPORT_SUFFIX), sibling(path, TRAINING_SUFFIX)
         for needed in (report_path, training_path):
             if not needed.is_file():
                 raise InputError(f"{what}: {needed.name} is missing; keep the files a job writes together (the report "
@@ -150,7 +146,7 @@ def read_earlier(paths: list[Path], kind: str) -> Earlier:
             raise InputError(f"{what}: {report_path.name} is not readable JSON ({error})") from None
         loras.append(lora)
         digests.append(file_sha256(path))
-    tensors, _ = read_safetensors(_sibling(paths[-1], TRAINING_SUFFIX), "training file")
+    tensors, _ = read_safetensors(sibling(paths[-1], TRAINING_SUFFIX), "training file")
     missing = {"targets", "surrogates"} - set(tensors)
     if missing:
         raise InputError(f"the training file of {paths[-1].name} lacks {sorted(missing)}; it is not one a job wrote")

@@ -105,6 +105,7 @@ from ..formats.files import (
     read_safetensors,
     safe_child,
     safe_name,
+    sibling,
     tensor_hash,
 )
 from ..formats.full_weights import save_full_weights
@@ -183,7 +184,7 @@ class JobPlan:
 
     def sibling(self, role: str) -> Path:
         """The path of one of the files written beside the output (see OUTPUT_SUFFIXES)."""
-        return self.output.with_name(self.output.name.removesuffix(".safetensors") + OUTPUT_SUFFIXES[role])
+        return sibling(self.output, OUTPUT_SUFFIXES[role])
 
 
 def output_file(job: dict, out_dir: Path) -> Path:
