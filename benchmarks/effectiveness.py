@@ -325,18 +325,23 @@ SDEDIT_STRENGTHS = (0.6, 0.7, 0.8, 0.9, 1.0)
 SURROGATE_SEEDS = (1, 2, 3, 4, 5)  # the edit surrogate's noise seeds, tried in this order
 
 
-def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
+def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0], below: float | None = None):
     """The edit surrogate: flags inpaint their outer bands under the prompt, as the demo does
     (SDEdit keeps a wrong tricolour's colours even at strength 0.9); shapes use the mildest SDEdit
     strength of SDEDIT_STRENGTHS whose result the copy detector does not call a copy of the
     target. A surrogate that is still a copy cannot be forgotten towards: at 0.6 four of the nine
     shapes targets' edits are copies (similarity 0.82 to 0.999), and one stays a copy up to 0.9.
-    A flags target whose outer-band inpaint is a copy (its wrong flag differs from the prompt's in
-    the middle band too, which the inpaint keeps: candidates (3, 258), (1, 959), (1, 740) at 0.95 to
-    0.99) gets what Build Surrogate and the CLI do with a copy: the library's rebuild
+    A flags target whose outer-band inpaint is a copy (candidates (3, 258), (1, 959), (1, 740) at
+    0.95 to 0.99: after the seven wrong flags the candidates are the least confidently classified
+    correct flags, whose inpaint is the same flag) gets what Build Surrogate and the CLI do with a copy: the library's rebuild
     (:func:`~unlearn_core.data.surrogate.away_from_copy`), here SDEdit of the whole flag from 0.6 up.
     The visible models edit the same way (lshapes in latent space, judged on the decoded edit).
-    ``seed`` is the edit's noise (:meth:`Bench.edit_seed` chooses it)."""
+    ``seed`` is the edit's noise (:meth:`Bench.edit_seed` chooses it). ``below`` is the copy bar:
+    the tables' is the threshold itself (their protocol was fixed before the library's bar moved
+    down by the check's margin, :meth:`~unlearn_core.method.config.UnlearnConfig.surrogate_below`;
+    at that bar one flags sweep target, (3, 766), has no surrogate at all); the sequential
+    benchmark, which does what the library does, passes the library's."""
+    below = FORGET_THRESHOLD[setup.name] if below is None else below
     if kind in ("flip", "noise"):
         return build_surrogate(kind, target, seed=seed).clamp(-1, 1)
     sampler = DenoiserSampler(DiffusersDenoiser(setup.model, setup.process), setup.process, setup.steps_sample, setup.clip)
@@ -344,7 +349,7 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
         mask = demo_model.outer_bands_mask(*target.shape[-2:])
         surrogate = build_surrogate("inpaint", target, sampler=sampler, prompt=setup.cond([label]), strength=1.0, seed=seed,
                                     mask=mask).clamp(-1, 1)  # fmt: skip
-        if similarity_to(setup, surrogate, target) < FORGET_THRESHOLD[setup.name]:
+        if similarity_to(setup, surrogate, target) < below:
             return surrogate
 
         def sdedit(strength, edit_seed):
@@ -352,7 +357,7 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
                                    seed=edit_seed).clamp(-1, 1)  # fmt: skip
 
         surrogate, note = away_from_copy(sdedit, target, lambda image, of: similarity_to(setup, image, of),
-                                         FORGET_THRESHOLD[setup.name], SDEDIT_STRENGTHS[0], seed,
+                                         below, SDEDIT_STRENGTHS[0], seed,
                                          f"the surrogate of this {setup.classes[label]} target (its outer-band inpaint is a "
                                          "copy; SDEdit of the whole flag)")  # fmt: skip
         log.info("flags surrogate: the outer-band inpaint is a copy; SDEdit strength %g, seed %d, copy similarity %.3f",
@@ -362,7 +367,7 @@ def make_surrogate(setup, kind, target, label, seed: int = SURROGATE_SEEDS[0]):
         surrogate = build_surrogate("sdedit", target, sampler=sampler, prompt=setup.cond([label]), strength=strength,
                                     seed=seed).clamp(-1, 1)  # fmt: skip
         similarity = similarity_to(setup, surrogate, target)
-        if similarity < FORGET_THRESHOLD[setup.name]:
+        if similarity < below:
             break
     log.info("%s surrogate: SDEdit strength %g, copy similarity %.3f", setup.name, strength, similarity)
     return surrogate

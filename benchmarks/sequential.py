@@ -2,12 +2,13 @@
 joint run: are all targets so far forgotten, how far have the other outputs moved from the
 original base, and does a little ordinary fine-tuning bring a forgotten target back?
 
-Every way unlearns the same targets, the base model's outputs for the model's first ten table
-candidates (``effectiveness`` keeps them: flags are wrong flags of three prompts, so several
-requests come from one prompt), in that order, with the library's defaults (verified stopping on,
-the table's copy detector and threshold). A request the library refuses before training (its
-surrogate stays a copy of its target at every edit tried, :meth:`Line.accepted`) is left out of
-every way and listed with the reason. Three ways:
+Every way unlearns the same ten targets, outputs a user would ask to remove (:func:`requests_for`:
+flags, wrong flags of the three confusable prompts, so several requests come from one prompt; the
+other models, their table candidates), in that order, with the library's defaults (verified
+stopping on, the table's copy detector and threshold, surrogates by the library's bar). A request
+the library refuses before training (its surrogate stays at or above the forgetting check's bar at
+every edit tried, :meth:`Line.accepted`) is listed with the reason and the next candidate taken.
+Three ways:
 
 - **line** (what ``earlier`` in a job does, :mod:`unlearn_core.serve.earlier`): request k trains on
   the base with results 1..k-1 merged, its surrogate and remember set made by that served model,
@@ -28,9 +29,10 @@ forgotten before, and its copy similarity is at or above the threshold again).
 
 Every finished unit is one JSON line in ``benchmarks/results/sequential/<model>.jsonl`` (LoRAs
 kept in ``.../loras/``, not committed); a rerun skips them. The report is
-``benchmarks/results/sequential.json``.
+``benchmarks/results/sequential_<model>.json``.
 
-    python benchmarks/sequential.py --threads 1          # flags: about half an hour on 2 cores
+    python benchmarks/sequential.py --threads 1                    # flags: about 25 minutes
+    python benchmarks/sequential.py --model lshapes --threads 1    # a visible model
     python benchmarks/sequential.py --report             # the table from the records
 """
 
@@ -68,6 +70,7 @@ from unlearn_core.backends.diffusers_backend import (
     lora_attached,
     unlearn_diffusers,
 )
+from unlearn_core.demo import models as demo_model
 from unlearn_core.diffusion.noise import seeded_noise, slerp
 from unlearn_core.diffusion.sampling import sample
 from unlearn_core.errors import InputError
@@ -83,6 +86,12 @@ RECORDS = RESULTS / "sequential"
 REQUESTS = 10
 SLERPS = (0.05, 0.1, 0.2)
 RELEARN_OTHERS = 48
+
+
+def unit(kind: str, targets) -> str:
+    """A record's key: what it is and the targets it was made from, in order (a run over other
+    requests never reads another's records)."""
+    return kind + "_" + "_".join(f"{label}-{seed}" for label, seed in targets)
 
 
 class Line:
@@ -128,7 +137,8 @@ class Line:
         its surrogate as the model at hand makes it."""
         label, seed = pair
         target = self.bench._data(tuple(pair), self.setup.steps_sample)["target"]
-        surrogate = make_surrogate(self.setup, "edit", target, label, self.bench.edit_seed(tuple(pair)))
+        surrogate = make_surrogate(self.setup, "edit", target, label, self.bench.edit_seed(tuple(pair)),
+                                   below=self.config.surrogate_below(self.threshold))  # the library's bar
         return ForgetTargets(target, surrogate, self.setup.cond([label]), seeded_noise([seed], tuple(target.shape[1:])))
 
     def remember_data(self, pair) -> RememberSet:
@@ -136,12 +146,15 @@ class Line:
         remember_pairs = self.setup.remember_pairs(pair[0])
         return RememberSet(self.setup.generate(remember_pairs), self.setup.cond([p[0] for p in remember_pairs]))
 
-    def accepted(self, targets) -> tuple[list, list[dict]]:
+    def accepted(self, targets, count: int) -> tuple[list, list[dict]]:
         """The requests training takes, and those the library refuses before any work (with why):
-        one whose surrogate stays a copy of its target at every edit tried cannot be forgotten
-        towards, and Build Surrogate and the CLI refuse it (:func:`~unlearn_core.data.surrogate.away_from_copy`)."""
+        one whose surrogate stays at or above the forgetting check's bar at every edit tried cannot
+        be verified as forgotten, and Build Surrogate and the CLI refuse it
+        (:func:`~unlearn_core.data.surrogate.away_from_copy`). The first ``count`` taken."""
         accepted, refused = [], []
         for pair in targets:
+            if len(accepted) == count:
+                break
             key = f"request_{pair[0]}-{pair[1]}"
             if key not in self.records:  # the verdict is kept: a rerun or --report builds no surrogate for it
                 try:
@@ -186,13 +199,13 @@ class Line:
 
     def line(self, targets) -> None:
         """Request k on the base with results 1..k-1 merged, every earlier target kept."""
-        if all(f"line_{k}" in self.records for k in range(1, len(targets) + 1)):
+        if all(unit("line", targets[:k]) in self.records for k in range(1, len(targets) + 1)):
             return  # recorded (the LoRAs themselves are not committed)
         marks = self.base_marks(targets)
         earlier: list[ForgetTargets] = []
         for k, pair in enumerate(targets, start=1):
-            key = f"line_{k}"
-            applied = [self.lora(f"line_{i}") for i in range(1, k)]
+            key = unit("line", targets[:k])
+            applied = [self.lora(unit("line", targets[:i])) for i in range(1, k)]
             with merged(self.setup.model, sum_of(applied)) if applied else contextlib.nullcontext():
                 forget = self.forget_data(pair)  # the later requests keep it, recorded or not
                 if key not in self.records:
@@ -200,18 +213,18 @@ class Line:
             earlier.append(forget)
 
     def alone(self, targets) -> None:
-        for k, pair in enumerate(targets, start=1):
-            if f"alone_{k}" not in self.records:
+        for pair in targets:
+            if unit("alone", [pair]) not in self.records:
                 forget, remember = self.request_data(pair)
-                self.train(f"alone_{k}", forget, remember)
+                self.train(unit("alone", [pair]), forget, remember)
 
     def joint(self, targets) -> None:
-        if f"joint_{len(targets)}" in self.records:
+        if unit("joint", targets) in self.records:
             return
         parts = [self.request_data(pair) for pair in targets]
         remember = RememberSet(torch.cat([r.samples for _, r in parts]),
                                {k: torch.cat([r.cond[k] for _, r in parts]) for k in parts[0][1].cond})  # fmt: skip
-        self.train(f"joint_{len(targets)}", ForgetTargets.joined([f for f, _ in parts]), remember)
+        self.train(unit("joint", targets), ForgetTargets.joined([f for f, _ in parts]), remember)
 
     def judge(self, key: str, loras: list, targets, label: str) -> dict:
         """Every target so far from its own and nearby noises, and 64 held-out seeds, on one state."""
@@ -237,7 +250,9 @@ class Line:
                 similarity.append(scores)
             entry = self.bench._data(tuple(targets[0]), self.setup.steps_sample)
             images["after_others"] = self.setup.generate(entry["integrity"])
-        evaluation = evaluate(entry["base_others"][:1], entry["base_others"][:1], entry["base_others"], images["after_others"],
+        decoded = self.setup.to_images  # judged on images: a latent model's are decoded
+        base_others = decoded(entry["base_others"])
+        evaluation = evaluate(base_others[:1], base_others[:1], base_others, decoded(images["after_others"]),
                               self.setup.detector, self.threshold, self.lpips_model)  # fmt: skip
         forgotten = [all(s < self.threshold for s in scores) for scores in similarity]
         record = {"key": key, "way": label, "requests": len(targets), "forgotten": forgotten,
@@ -250,7 +265,8 @@ class Line:
         """Ordinary fine-tuning of a fresh LoRA on other outputs of the state; which targets come back."""
         if key in self.records:
             return self.records[key]
-        others = [(s % len(self.setup.classes), 90_000 + s) for s in range(RELEARN_OTHERS)]
+        # the held-out seeds' prompts in turn, at seeds of their own
+        others = [(label, 90_000 + s) for s, (label, _) in enumerate(self.setup.integrity_pairs(None)[:RELEARN_OTHERS])]
         generator = torch.Generator().manual_seed(0)
         with merged(self.setup.model, sum_of(loras)):
             data = self.setup.generate(others)
@@ -279,16 +295,45 @@ class Line:
         return self.keep({"key": key, "steps": steps, "similarity": [round(s, 4) for s in similarity]})
 
 
+def requests_for(line: Line, count: int) -> list[tuple[int, int]]:
+    """At least ``count`` requests in order, or every candidate there is. Flags: wrong flags,
+    outputs the classifier calls another flag, of the three confusable prompts (Ireland, Italy,
+    Ivory Coast), seeds scanned in blocks of 1000, most confidently wrong first within a block
+    (effectiveness' rule for block 0, which holds seven; its later candidates are correct flags,
+    whose edits are the flag again). A block's wrong flags are kept as a record, so more requests
+    only append. The other models: effectiveness' ranked targets (any output of a shapes model is
+    one a user may ask to remove)."""
+    setup = line.setup
+    if setup.name != "flags":
+        candidates = RESULTS / "effectiveness" / f"{setup.name}_candidates.json"  # effectiveness' ranked targets
+        return [tuple(t) for t in json.loads(candidates.read_text())["candidates"]]
+    trio = [setup.classes.index(name) for name in ("ireland", "italy", "ivory_coast")]
+    found, block = [], 0
+    while len(found) < count:
+        key = f"wrong_flags_{1000 * block}-{1000 * block + 999}"
+        if key not in line.records:
+            scanned = [(label, seed) for label in trio for seed in range(1000 * block, 1000 * (block + 1))]
+            predicted, confidence = demo_model.classify_flags(setup.classifier, setup.generate(scanned))
+            wrong = [i for i, pair in enumerate(scanned) if int(predicted[i]) != pair[0]]
+            wrong.sort(key=lambda i: -float(confidence[i]))
+            line.keep({"key": key, "wrong": [list(scanned[i]) for i in wrong],
+                       "seen_as": [setup.classes[int(predicted[i])] for i in wrong]})  # fmt: skip
+        found += [tuple(pair) for pair in line.records[key]["wrong"]]
+        block += 1
+    return found
+
+
 def report(line: Line, targets, relearn_steps: int, refused: list[dict]) -> dict:
     rows = {}
     for way in ("line", "stack"):
-        rows[way] = [line.records.get(f"judge_{way}_{k}") for k in range(1, len(targets) + 1)]
-    rows["joint"] = [line.records.get(f"judge_joint_{len(targets)}")]
-    training = {way: [line.records.get(f"{way}_{k}") for k in range(1, len(targets) + 1)] for way in ("line", "alone")}
-    training["joint"] = [line.records.get(f"joint_{len(targets)}")]
+        rows[way] = [line.records.get(unit(f"judge_{way}", targets[:k])) for k in range(1, len(targets) + 1)]
+    rows["joint"] = [line.records.get(unit("judge_joint", targets))]
+    training = {"line": [line.records.get(unit("line", targets[:k])) for k in range(1, len(targets) + 1)],
+                "alone": [line.records.get(unit("alone", [pair])) for pair in targets]}
+    training["joint"] = [line.records.get(unit("joint", targets))]
     relearn = {}
     for way in ("line", "stack", "joint"):
-        record, judged = line.records.get(f"relearn_{way}_{len(targets)}_{relearn_steps}"), rows[way][-1]
+        record, judged = line.records.get(unit(f"relearn_{way}_{relearn_steps}", targets)), rows[way][-1]
         if record is None or judged is None:
             continue
         # came back: forgotten (robustly) before the fine-tuning, copied again from its own noise after it
@@ -331,37 +376,41 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only print the table from the records")
     parser.add_argument("--records", type=Path, default=RECORDS, help="where the records and LoRAs are kept")
-    parser.add_argument("--out", type=Path, default=RESULTS / "sequential.json")
+    parser.add_argument("--out", type=Path, help="the report (default benchmarks/results/sequential_<model>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     setup = SETUPS[args.model]()
-    candidates = RESULTS / "effectiveness" / f"{args.model}_candidates.json"  # effectiveness' ranked targets
-    requests = [tuple(t) for t in json.loads(candidates.read_text())["candidates"][: args.requests]]
     line = Line(setup, UnlearnConfig(seed=0), load_lpips(), args.records)
-    line.base_outputs(requests)
-    targets, refused = line.accepted(requests)
+    wanted = args.requests
+    while True:  # the first --requests the library takes, in order (a refused one is listed, not trained)
+        requests = requests_for(line, wanted)
+        line.base_outputs(requests)
+        targets, refused = line.accepted(requests, args.requests)
+        if len(targets) == args.requests or len(requests) < wanted:
+            break
+        wanted = len(requests) + args.requests - len(targets)
     if not args.report:
         line.line(targets)
         line.alone(targets)
         line.joint(targets)
-        joint = f"joint_{len(targets)}"
+        joint = unit("joint", targets)
         states = {}  # key -> (the results that make the state, the targets it is judged on, the way)
         for k in range(1, len(targets) + 1):
-            states[f"judge_line_{k}"] = ([f"line_{i}" for i in range(1, k + 1)], targets[:k], "line")
-            states[f"judge_stack_{k}"] = ([f"alone_{i}" for i in range(1, k + 1)], targets[:k], "stack")
-        states[f"judge_{joint}"] = ([joint], targets, "joint")
+            states[unit("judge_line", targets[:k])] = ([unit("line", targets[:i]) for i in range(1, k + 1)], targets[:k], "line")
+            states[unit("judge_stack", targets[:k])] = ([unit("alone", [t]) for t in targets[:k]], targets[:k], "stack")
+        states[unit("judge_joint", targets)] = ([joint], targets, "joint")
         for key, (results, judged, way) in states.items():
             if key not in line.records:  # the LoRAs are read only for what is still to judge
                 line.judge(key, [line.lora(r) for r in results], judged, way)
-        for way, results in (("line", states[f"judge_line_{len(targets)}"][0]),
-                             ("stack", states[f"judge_stack_{len(targets)}"][0]), ("joint", [joint])):  # fmt: skip
-            key = f"relearn_{way}_{len(targets)}_{args.relearn_steps}"
+        for way, results in (("line", states[unit("judge_line", targets)][0]),
+                             ("stack", states[unit("judge_stack", targets)][0]), ("joint", [joint])):  # fmt: skip
+            key = unit(f"relearn_{way}_{args.relearn_steps}", targets)
             if key not in line.records:
                 line.relearn(key, [line.lora(r) for r in results], targets, args.relearn_steps)
     result = report(line, targets, args.relearn_steps, refused)
-    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), **result})
+    write_json(args.out or RESULTS / f"sequential_{args.model}.json", {"date": time.strftime("%Y-%m-%d"), **result})
     print_table(result)
     return 0
 

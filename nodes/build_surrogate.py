@@ -14,6 +14,7 @@ from ..unlearn_core.data.surrogate import (
     surrogate_similarity,
 )
 from ..unlearn_core.errors import InputError
+from ..unlearn_core.method.config import UnlearnConfig
 from ..unlearn_core.verify.metrics import at_size, copy_similarity
 from . import images, paths
 from .host.model import HostModel
@@ -79,9 +80,10 @@ class BuildSurrogate(io.ComfyNode):
                                tooltip="The detector that must not call a surrogate a copy of its target (Preserve Check's): "
                                        "pixel (built in) or an SSCD TorchScript file from models/unlearn/."),
                 io.Float.Input("forget_threshold", default=0.7, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="A surrogate at or above this copy similarity to its target is a copy, which training "
-                                       "cannot forget towards: sdedit/inpaint rebuild it (other seeds, then stronger edits); "
-                                       "other methods refuse it. Use Preserve Check's threshold."),
+                               tooltip="Preserve Check's copy threshold. A surrogate must score the forgetting check's margin "
+                                       "(check_margin, 0.05 by default) below it: training pulls the target towards its "
+                                       "surrogate, so one nearer can never be verified as forgotten. sdedit/inpaint rebuild "
+                                       "such a surrogate (other seeds, then stronger edits); other methods refuse it."),
             ],  # fmt: skip
             outputs=[
                 TargetsType.Output(display_name="targets", tooltip="The targets with their surrogates attached."),
@@ -107,6 +109,8 @@ class BuildSurrogate(io.ComfyNode):
         host_model.family()  # an unsupported model is refused before any sampling
         detector = paths.load_copy_detector(copy_detector)  # a missing file fails before any sampling
         sampler = host_model.sampler()
+        # the default check's bar: Instance Unlearn LoRA verifies forgetting with check_margin below the threshold
+        copy_at = UnlearnConfig().surrogate_below(forget_threshold)
         built, previews, lines = [], [], []
         for index, target in enumerate(targets.targets):
             latent = target_latent(target, vae)
@@ -141,15 +145,16 @@ class BuildSurrogate(io.ComfyNode):
 
             try:
                 if method in SAMPLED_KINDS:
-                    surrogate, note = away_from_copy(make, latent, copy_score, forget_threshold, strength, seed + index,
+                    surrogate, note = away_from_copy(make, latent, copy_score, copy_at, strength, seed + index,
                                                      f"the surrogate of target {index}")  # fmt: skip
                 else:
                     surrogate = make(strength, seed + index)
                     note = {"copy_similarity": copy_score(surrogate, latent), "rebuilt": False}
-                    if note["copy_similarity"] >= forget_threshold:
-                        raise InputError(f"the {method} surrogate is a copy of its target (copy similarity "
-                                         f"{note['copy_similarity']:.3f} >= {forget_threshold:g}): training towards it cannot "
-                                         "forget the target; edit it more, or use sdedit/inpaint")  # fmt: skip
+                    if note["copy_similarity"] >= copy_at:
+                        raise InputError(f"the {method} surrogate is (near) a copy of its target (copy similarity "
+                                         f"{note['copy_similarity']:.3f} >= {copy_at:g}, the forgetting check's bar): training "
+                                         "towards it cannot make the check call the target forgotten; edit it more, or use "
+                                         "sdedit/inpaint")  # fmt: skip
             except InputError as error:
                 raise InputError(f"target {index} ({target.id}): {error}") from None
             surrogate_image = decoded["image"]

@@ -15,7 +15,9 @@ from unlearn_core.backends.diffusers_backend import DiffusersDenoiser
 from unlearn_core.cli import main
 from unlearn_core.diffusion.noise import seeded_noise
 from unlearn_core.diffusion.sampling import sample
+from unlearn_core.errors import InputError
 from unlearn_core.formats.model_folders import locate
+from unlearn_core.verify.metrics import PixelCopyDetector, copy_similarity
 
 STEPS = 6
 
@@ -121,6 +123,42 @@ def test_a_given_surrogate_that_is_a_copy_is_refused(produced):
     (root / "job.json").write_text(json.dumps(quick_job("transformer", "targets.safetensors", model={"kind": "sd3"})))
     assert main(["run", str(root / "job.json")]) == 2
     assert not (root / "out").exists()
+
+
+def _scoring(targets, other, score: float) -> torch.Tensor:
+    """Each target blended with another image until the pixel detector scores it ``score`` against it."""
+    blended = []
+    for target, away in zip(targets, other, strict=True):
+        low, high = 0.0, 1.0  # the share of the other image: 0 is the target itself
+        for _ in range(40):
+            mix = (low + high) / 2
+            candidate = (1 - mix) * target + mix * away
+            if float(copy_similarity(PixelCopyDetector(), candidate[None], target[None])[0]) > score:
+                low = mix
+            else:
+                high = mix
+        blended.append(candidate)
+    return torch.stack(blended)
+
+
+@pytest.mark.parametrize("stopping", [True, False])
+def test_a_given_surrogate_the_check_could_never_call_forgotten_is_refused(produced, stopping):
+    """Between the check's bar (threshold - margin) and the threshold: training towards it ends
+    where the check cannot confirm the target gone, so verified stopping refuses it; without the
+    check the threshold alone is the bar."""
+    root, targets, cond = produced
+    surrogates = _scoring(targets, _model_outputs(root / "transformer", [13, 14], cond), 0.875)
+    save_file({"targets": targets, "surrogates": surrogates, **cond}, str(root / "targets.safetensors"))
+    job = quick_job("transformer", "targets.safetensors", model={"kind": "sd3"}, check={"steps": STEPS, "forget_below": 0.9},
+                    config={"steps": 2, "lora_rank": 2, "forget_batch_size": 1, "remember_batch_size": 2,
+                            "stop_when_forgotten": stopping})  # fmt: skip
+    (root / "job.json").write_text(json.dumps(job))
+    if stopping:
+        with pytest.raises(InputError, match=r"given surrogate 0 .*>= 0\.85, the forgetting check's bar"):
+            provider.run_job(job, root)
+        assert not (root / "out").exists()
+    else:
+        assert main(["run", str(root / "job.json")]) == 0
 
 
 def test_a_generated_surrogate_that_is_a_copy_is_rebuilt_and_the_report_says_how(produced):

@@ -146,6 +146,23 @@ def test_a_surrogate_that_is_a_copy_is_rebuilt(loaded, node, marked):
     assert not torch.equal(targets.targets[0].surrogate_latent, targets.targets[0].latent)
 
 
+def test_a_surrogate_the_check_could_never_call_forgotten_is_rebuilt(loaded, node, marked):
+    """Within the check's margin (0.05) under the threshold: training towards it ends where the
+    check cannot confirm the target gone, so it is rebuilt; a margin further up it is kept."""
+    import re
+
+    def build(threshold):
+        _, _, text = run(node["surrogate"], model=loaded["model"], vae=loaded["vae"], targets=marked, **SURROGATE,
+                         forget_threshold=threshold)  # fmt: skip
+        return text
+
+    first = build(0.999)
+    score = float(re.search(r"copy similarity (-?[0-9.]+)", first).group(1))
+    assert "rebuilt" not in first and score < 0.9, first
+    assert "rebuilt" in build(score + 0.02), "a surrogate 0.02 under the threshold is kept"
+    assert "rebuilt" not in build(score + 0.06)
+
+
 def test_a_surrogate_that_cannot_be_rebuilt_and_is_a_copy_is_refused(loaded, node, marked):
     from instance_unlearn.unlearn_core.errors import InputError
 

@@ -113,7 +113,8 @@ def away_from_copy(
     so ``make(strength, seed)`` is called with the given edit, then with the next
     :data:`REBUILD_SEEDS` - 1 seeds, then likewise at strengths raised by
     :data:`REBUILD_STRENGTH_STEP` up to 1; the first result with ``similarity(result, target) < copy_at`` is returned with a note of
-    what was tried. None qualifying is an :class:`InputError` saying what to change.
+    what was tried. ``copy_at`` is the bar the forgetting check can verify
+    (:meth:`~unlearn_core.method.config.UnlearnConfig.surrogate_below`). None qualifying is an :class:`InputError` saying what to change.
     """
     tried = []
     strengths = [strength]
@@ -136,4 +137,5 @@ def away_from_copy(
             return surrogate, note
     raise InputError(f"{what} stays a copy of its target (copy similarity >= {copy_at:g}) at every edit tried "
                      f"(seeds {seed} to {seed + REBUILD_SEEDS - 1}, strengths {strength:g} to 1): training towards a copy "
-                     "cannot forget it; give an edited surrogate, inpaint the undesired region, or raise the copy threshold")  # fmt: skip
+                     "cannot forget it (nor one the forgetting check would not call forgotten); give an edited surrogate, "
+                     "inpaint the undesired region, or raise the copy threshold or lower the check's margin")  # fmt: skip

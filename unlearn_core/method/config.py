@@ -224,6 +224,13 @@ class UnlearnConfig:
         for name, reason in self.ignored().items():
             log.warning("%s=%r is ignored: %s", name, getattr(self, name), reason)
 
+    def surrogate_below(self, forget_below: float) -> float:
+        """The copy similarity a surrogate must stay under. Training pulls the target's output
+        towards its surrogate, so a surrogate that the forgetting check would not call forgotten
+        (within ``check_margin`` of the threshold) leaves a target the check can never confirm as
+        gone: it trains every step. Without the check the threshold itself is the bar."""
+        return forget_below - self.check_margin if self.stop_when_forgotten else forget_below
+
     def ignored(self) -> dict[str, str]:
         """Fields set away from their defaults that this combination never reads, each with the
         field that makes it so (one reason per field: the first rule that applies)."""

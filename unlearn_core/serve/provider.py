@@ -342,7 +342,7 @@ def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
                    if k not in ("targets", "surrogates", "remember", "noise") and not k.startswith("remember.")}  # fmt: skip
     denoiser = DiffusersDenoiser(model, process)
     detector = _detector(plan)
-    copy_at = plan.check["forget_below"]
+    copy_at = plan.config.surrogate_below(plan.check["forget_below"])  # the check must be able to call the surrogate forgotten
 
     def similarity(surrogate, target):
         return float(copy_similarity(detector, surrogate.float(), target.float())[0])
@@ -353,9 +353,10 @@ def _training_data(loaded: LoadedModel, process: ForwardProcess, plan: JobPlan,
         for index in range(len(targets)):
             score = similarity(surrogates[index : index + 1], targets[index : index + 1])
             if score >= copy_at:
-                raise InputError(f"given surrogate {index} is a copy of its target (copy similarity {score:.3f} >= {copy_at:g} "
-                                 f"with the {plan.check['detector']} detector): training towards it cannot forget the target; "
-                                 "edit it more, or leave surrogates out to have them generated")  # fmt: skip
+                raise InputError(f"given surrogate {index} is (near) a copy of its target (copy similarity {score:.3f} >= "
+                                 f"{copy_at:g}, the forgetting check's bar, with the {plan.check['detector']} detector): "
+                                 "training towards it cannot make the check call the target forgotten; edit it more, or "
+                                 "leave surrogates out to have them generated")  # fmt: skip
     else:
         spec = plan.surrogate
         sampler = DenoiserSampler(denoiser, process, spec["steps"], source.clip)
