@@ -33,7 +33,7 @@ kept in ``.../loras/``, not committed); a rerun skips them. The report is
 
     python benchmarks/sequential.py --threads 1                    # flags: about 25 minutes
     python benchmarks/sequential.py --model lshapes --threads 1    # a visible model
-    python benchmarks/sequential.py --report             # the table from the records
+    python benchmarks/sequential.py --report                       # the table from the records
 """
 
 from __future__ import annotations

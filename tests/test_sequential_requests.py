@@ -22,12 +22,12 @@ from unlearn_core.serve.provider import run_job
 SD3 = {"kind": "sd3"}
 
 
-def line(tmp_path, config=None):
-    """A base SD3 folder and a first request on it; returns the first job."""
+def line(tmp_path, config=None, **job):
+    """A base SD3 folder and a first request on it (``job`` updates the job); returns the first job."""
     make_tiny_sd3().save_pretrained(tmp_path / "transformer")
     save_targets(tmp_path / "first.safetensors", channels=4, cond=sd3_cond(1), seed=0)
     save_targets(tmp_path / "second.safetensors", channels=4, cond=sd3_cond(2, seed=5), n=2, seed=7)
-    first = quick_job("transformer", "first.safetensors", output="one/forget.safetensors", model=SD3, config=config or {})
+    first = quick_job("transformer", "first.safetensors", output="one/forget.safetensors", model=SD3, config=config or {}, **job)
     run_job(first, tmp_path)
     return first
 
@@ -153,3 +153,29 @@ def test_the_command_line_runs_a_line_of_two(tmp_path):
     (tmp_path / "second.json").write_text(json.dumps(second_job(first)))
     assert main(["run", str(tmp_path / "second.json")]) == 0
     assert (tmp_path / "two" / "forget.merged.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters on one model is the point
+def test_the_merged_line_loaded_by_diffusers_equals_both_results_as_two_adapters(tmp_path):
+    """In diffusers keys the line's merged file, read by diffusers' own loader, makes what the two
+    results make as two adapters active together."""
+    import copy
+
+    run_job(second_job(line(tmp_path, config={"learning_rate": 1e-2}, key_format="diffusers")), tmp_path)
+    one, two = load_file(str(tmp_path / "one" / "forget.safetensors")), load_file(str(tmp_path / "two" / "forget.safetensors"))
+    merged = load_file(str(tmp_path / "two" / "forget.merged.safetensors"))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond, timestep = sd3_cond(2, seed=9), torch.tensor([700.0, 300.0])
+
+    def output(model):
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=timestep, **cond).sample
+
+    base = make_tiny_sd3()
+    stacked, at_once = copy.deepcopy(base), copy.deepcopy(base)
+    stacked.load_lora_adapter(one, adapter_name="one", prefix="transformer")
+    stacked.load_lora_adapter(two, adapter_name="two", prefix="transformer")
+    stacked.set_adapters(["one", "two"])
+    at_once.load_lora_adapter(merged, adapter_name="line", prefix="transformer")
+    assert (output(stacked) - output(base)).abs().max() > 1e-3  # the results change the output
+    torch.testing.assert_close(output(at_once), output(stacked), atol=1e-5, rtol=0)
