@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes, when installed, looks up a CPU 4-bit kernel on import (peft imports it) and warns
+    # when it cannot fetch one; nothing here uses 4-bit layers, adamw_8bit included
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     configure_torch(args.threads)
     try:
         return args.handler(args)
