@@ -386,11 +386,11 @@ def main(argv=None) -> int:
     wanted = args.requests
     while True:  # the first --requests the library takes, in order (a refused one is listed, not trained)
         requests = requests_for(line, wanted)
-        line.base_outputs(requests)
         targets, refused = line.accepted(requests, args.requests)
         if len(targets) == args.requests or len(requests) < wanted:
             break
         wanted = len(requests) + args.requests - len(targets)
+    line.base_outputs(targets)  # the requests taken, before any state is merged
     if not args.report:
         line.line(targets)
         line.alone(targets)
